@@ -1,0 +1,104 @@
+"""The admin HTTP API (aiohttp), loopback by default.
+
+GET  /metrics   Prometheus exposition (aggregated over workers under the supervisor)
+GET  /healthz   liveness: the process answers
+GET  /readyz    readiness: config loaded and not draining (503 otherwise); the store's health
+                and each provider's keys are reported in the body but never make it 503, since
+                each policy's failure setting decides what a store outage means
+GET  /config    the config in force, secrets redacted
+POST /reload    reload extproc.yaml now (bearer token required)
+
+Mutating endpoints need `Authorization: Bearer <token>` with the token from admin.token_file
+or admin.token_env; with no token configured they answer 403 and do nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Protocol
+
+from aiohttp import web
+
+from .. import config as cfgmod
+from ..telemetry import metrics
+
+log = logging.getLogger("extproc.admin")
+
+
+class Target(Protocol):
+    cfg: cfgmod.Config
+
+    def readiness(self) -> tuple[bool, dict]: ...
+
+    async def reload(self, reason: str) -> tuple[bool, str]: ...
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class AdminServer:
+    def __init__(self, cfg: cfgmod.Admin, target: Target):
+        self.cfg = cfg
+        self.target = target
+        self.token = cfgmod.read_secret(cfg.token_file, cfg.token_env, "admin.token")
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/config", self.config)
+        app.router.add_post("/reload", self.reload)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = _split(self.cfg.listen)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        socks = getattr(server, "sockets", None) or []
+        self.port = socks[0].getsockname()[1] if socks else port
+        log.info("admin listening", extra={"listen": f"{host}:{self.port}"})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _authorized(self, request: web.Request) -> web.Response | None:
+        if not self.token:
+            return web.json_response({"error": "admin token not configured: set admin.token_file or "
+                                      "admin.token_env to enable mutating endpoints"}, status=403)
+        got = request.headers.get("Authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            return web.json_response({"error": "bearer token required"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="extproc-admin"'})
+        return None
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, detail = self.target.readiness()
+        return web.json_response({"ready": ready, **detail}, status=200 if ready else 503)
+
+    async def config(self, request: web.Request) -> web.Response:
+        return web.json_response(cfgmod.redacted(self.target.cfg))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        ok, message = await self.target.reload("admin API")
+        return web.json_response({"reloaded": ok, "message": message}, status=200 if ok else 422)

@@ -1,0 +1,285 @@
+"""Composition root: builds the store, the policies and key sources, the servicers and servers,
+and runs one worker's life: start, reload, drain, stop.
+
+Shutdown order (SIGTERM): health NOT_SERVING and /readyz 503, the gRPC server stops accepting
+and lets in-flight calls and streams finish within `server.shutdown_grace_seconds`, then key
+fetchers, the store and the admin server close; exit 0.
+Reload (SIGHUP, or the config file changing — also through a Kubernetes `..data` symlink swap):
+a new Runtime is built and started, then swapped in; an invalid file logs one error and the old
+config keeps serving. Listen addresses and the store need a restart to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import config as cfgmod
+from .core.jwt import KeySet, ProviderRules, TokenCache
+from .core.policy import CompiledPolicy, PolicySet
+from .services.authz import AuthorizationService
+from .services.jwks import KeySource
+from .services.processor import ExternalProcessorService
+from .store import Store, StoreError
+from .telemetry import metrics
+
+log = logging.getLogger("extproc")
+
+SERVICE_NAMES = (
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+)
+STORE_PROBE_SECONDS = 2.0
+CONFIG_POLL_SECONDS = 1.0
+
+
+def compile_policies(cfg: cfgmod.Config) -> PolicySet:
+    pols = {}
+    for name, p in cfg.policies.items():
+        providers = tuple(p.auth.providers) if isinstance(p.auth, cfgmod.AuthJwt) else ()
+        pols[name] = CompiledPolicy(name=name, shadow=p.mode == "shadow", providers=providers)
+    forward = {n: p.forward_claims_header.lower() for n, p in cfg.providers.items() if p.forward_claims_header}
+    return PolicySet(policies=pols, default=cfg.default_policy, unknown_allows=cfg.unknown_policy == "allow",
+                     forward_headers=forward)
+
+
+@dataclass
+class Runtime:
+    """Everything a request reads, built from one config; swapped whole on reload."""
+    config: cfgmod.Config
+    policies: PolicySet
+    max_header_bytes: int
+    keys: dict[str, tuple[ProviderRules, KeySet]] = field(default_factory=dict)
+    sources: list[KeySource] = field(default_factory=list)
+    token_cache: TokenCache = field(default_factory=TokenCache)
+
+    @classmethod
+    def build(cls, cfg: cfgmod.Config) -> Runtime:
+        rt = cls(config=cfg, policies=compile_policies(cfg), max_header_bytes=cfg.server.max_header_bytes)
+        rt.sources = [KeySource(name, p, rt.keys) for name, p in cfg.providers.items()]
+        return rt
+
+    async def start(self) -> None:
+        for s in self.sources:
+            await s.start()
+
+    async def close(self) -> None:
+        for s in self.sources:
+            await s.close()
+
+    def policy_label(self, name: str | None) -> str:
+        """Metric label for a policy name: bounded to the configured names."""
+        if not name:
+            return self.policies.default or ""
+        return name if name in self.policies.policies else "unknown"
+
+
+def build_store(cfg: cfgmod.StoreConfig) -> Store:
+    if cfg.redis is not None:
+        from .store.redis import RedisStore
+
+        r = cfg.redis
+        password = cfgmod.read_secret(r.password_file, r.password_env, "store.redis.password")
+        return RedisStore(r.url, cluster=r.cluster, password=password, timeout_ms=r.timeout_ms,
+                          connect_timeout_ms=r.connect_timeout_ms, max_connections=r.max_connections)
+    from .store.memory import MemoryStore
+
+    mem = cfg.memory or cfgmod.MemoryStoreConfig()
+    return MemoryStore(max_keys=mem.max_keys)
+
+
+def _config_signature(path: Path) -> tuple[int, int, int] | None:
+    # stat follows symlinks, so a Kubernetes ConfigMap `..data` swap changes the signature
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class Worker:
+    """One serving process: the gRPC server, optionally the admin server, and their state."""
+
+    def __init__(self, config_path: str | None, cfg: cfgmod.Config, *, listen: str | None = None,
+                 with_admin: bool = True):
+        self.config_path = Path(config_path) if config_path else None
+        self.cfg = cfg
+        self.listen = listen or cfg.server.listen
+        self.with_admin = with_admin
+        self.runtime = Runtime.build(cfg)
+        self.store: Store = build_store(cfg.store)
+        self.store_up: bool | None = None
+        self.draining = False
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.admin = None
+        self._tasks: list[asyncio.Task] = []
+        self._reload_lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._config_sig = _config_signature(self.config_path) if self.config_path else None
+        self.bound_port: int | None = None
+
+    def runtime_ref(self) -> Runtime:
+        return self.runtime
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.runtime.start()
+        server = grpc.aio.server(
+            maximum_concurrent_rpcs=self.cfg.server.max_in_flight,
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                     ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(self.runtime_ref), server)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorService(self.runtime_ref), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        self.bound_port = self._bind(server)
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.with_admin:
+            from .admin.server import AdminServer
+
+            self.admin = AdminServer(self.cfg.admin, self)
+            await self.admin.start()
+        self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
+        if self.config_path is not None:
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
+        metrics.READY.set(1)
+        metrics.CONFIG_LOADED_AT.set(time.time())
+        log.info("serving", extra={"listen": self.listen, "port": self.bound_port, "store": self.store.name,
+                                   "pid": os.getpid(), "policies": sorted(self.cfg.policies)})
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        tls = self.cfg.server.tls
+        addr = self.listen
+        if addr.startswith("unix:"):
+            path = addr[5:]
+            if os.path.exists(path):
+                os.unlink(path)   # a stale socket from a killed process
+        if tls is None:
+            return server.add_insecure_port(addr)
+        ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+        creds = grpc.ssl_server_credentials([(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                                            root_certificates=ca, require_client_auth=ca is not None)
+        return server.add_secure_port(addr, creds)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        metrics.READY.set(0)
+        log.info("draining", extra={"grace_seconds": self.cfg.server.shutdown_grace_seconds})
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.cfg.server.shutdown_grace_seconds)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runtime.close()
+        try:
+            await self.store.close()
+        except StoreError:
+            pass
+        if self.admin is not None:
+            await self.admin.stop()
+        log.info("stopped")
+        self._stopped.set()
+
+    # -- reload -----------------------------------------------------------------------------------
+    async def reload(self, reason: str) -> tuple[bool, str]:
+        if self.config_path is None:
+            return False, "no config file to reload"
+        async with self._reload_lock:
+            self._config_sig = _config_signature(self.config_path)
+            try:
+                new = cfgmod.load(self.config_path)
+            except cfgmod.ConfigError as exc:
+                metrics.CONFIG_RELOADS.labels("rejected").inc()
+                log.error("config reload rejected; the previous config keeps serving",
+                          extra={"trigger": reason, "error": str(exc)})
+                return False, str(exc)
+            restart_needed = [k for k in ("server", "store") if getattr(new, k) != getattr(self.cfg, k)]
+            if restart_needed:
+                log.warning("config changes to %s take effect after a restart", ", ".join(restart_needed))
+            rt = Runtime.build(new)
+            await rt.start()
+            old, self.runtime, self.cfg = self.runtime, rt, new.model_copy(
+                update={k: getattr(self.cfg, k) for k in ("server", "store")})
+            await old.close()
+            metrics.CONFIG_RELOADS.labels("ok").inc()
+            metrics.CONFIG_LOADED_AT.set(time.time())
+            log.info("config reloaded", extra={"trigger": reason, "policies": sorted(new.policies)})
+            return True, "reloaded"
+
+    async def _watch_config(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            sig = _config_signature(self.config_path)
+            if sig is not None and sig != self._config_sig:
+                await self.reload("file changed")
+
+    # -- store health -----------------------------------------------------------------------------
+    async def _probe_store(self) -> None:
+        gauge = metrics.STORE_UP.labels(self.store.name)
+        while True:
+            try:
+                await self.store.ping()
+                up, err = True, ""
+            except StoreError as exc:
+                up, err = False, str(exc)
+            if up != self.store_up:
+                self.store_up = up
+                gauge.set(1 if up else 0)
+                if up:
+                    log.info("store reachable", extra={"store": self.store.name})
+                else:
+                    log.error("store unreachable; each policy's failure setting decides meanwhile",
+                              extra={"store": self.store.name, "error": err})
+            await asyncio.sleep(STORE_PROBE_SECONDS)
+
+    def readiness(self) -> tuple[bool, dict]:
+        providers = {name: {"keys": len(ks.keys), "loaded": ks.loaded} for name, (_, ks) in self.runtime.keys.items()}
+        detail = {
+            "config": "loaded",
+            "draining": self.draining,
+            "store": {"kind": self.store.name, "up": self.store_up},
+            "providers": providers,
+        }
+        return (not self.draining), detail
+
+
+async def run_worker(config_path: str | None, cfg: cfgmod.Config, *, listen: str | None = None,
+                     with_admin: bool = True) -> int:
+    worker = Worker(config_path, cfg, listen=listen, with_admin=with_admin)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop()))
+    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(worker.stop()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(worker.reload("SIGHUP")))
+    try:
+        await worker.start()
+    except Exception as exc:  # noqa: BLE001 - a start failure is one clear line, not a traceback
+        log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        await worker.stop()
+        return 1
+    await worker.wait_stopped()
+    return 0

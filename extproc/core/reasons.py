@@ -1,0 +1,31 @@
+"""The closed set of reason codes.
+
+One value names why a decision came out as it did; it is the same string in the
+decision, the log line and the `reason` metric label, so it must stay bounded.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    OK = "ok"
+    PUBLIC = "public"                      # policy needs no identity
+    TOKEN_MISSING = "token_missing"
+    TOKEN_MALFORMED = "token_malformed"
+    JWT_BAD_SIGNATURE = "jwt_bad_signature"
+    JWT_EXPIRED = "jwt_expired"
+    JWT_NOT_YET_VALID = "jwt_not_yet_valid"
+    JWT_BAD_ISSUER = "jwt_bad_issuer"
+    JWT_BAD_AUDIENCE = "jwt_bad_audience"
+    JWT_ALG_NOT_ALLOWED = "jwt_alg_not_allowed"
+    JWT_UNKNOWN_KID = "jwt_unknown_kid"
+    JWT_MISSING_CLAIM = "jwt_missing_claim"
+    KEYS_UNAVAILABLE = "keys_unavailable"
+    POLICY_UNKNOWN = "policy_unknown"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    STORE_ERROR = "store_error"
+    STORE_TIMEOUT = "store_timeout"
+    SHADOW = "shadow"                      # would have denied, shadow mode allowed it
+    INTERNAL = "internal"

@@ -1,0 +1,113 @@
+"""envoy.service.auth.v3.Authorization/Check: Envoy's CheckRequest in, a Decision's reply out.
+
+Thin by design: build the plain Request, ask core.policy, translate the Decision. An allowed
+request may get headers added or removed on its way upstream and dynamic metadata for later
+filters (ext_proc reads the subject from it); a denied one gets the status, headers and JSON
+body the client should see. Internal failures become gRPC UNAVAILABLE so Envoy's
+`status_on_error` answers honestly; they are never an OK reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from ..core import policy as core_policy
+from ..core.decision import Decision, deny
+from ..core.reasons import Reason
+from ..core.request import Request
+from ..telemetry import metrics
+
+log = logging.getLogger("extproc.authz")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OK_STATUS = status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+_DENIED_STATUS = status_pb2.Status(code=grpc.StatusCode.PERMISSION_DENIED.value[0])
+_UNAUTHENTICATED_STATUS = status_pb2.Status(code=grpc.StatusCode.UNAUTHENTICATED.value[0])
+_PLAIN_OK = pb.CheckResponse(status=_OK_STATUS, ok_response=pb.OkHttpResponse())
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"   # where Envoy files what we return
+
+
+def request_from_check(check: pb.CheckRequest) -> Request:
+    attrs = check.attributes
+    http = attrs.request.http
+    headers = dict(http.headers)
+    return Request(
+        method=http.method,
+        path=http.path,
+        headers=headers,
+        policy=attrs.context_extensions.get("policy"),
+        client_ip=attrs.source.address.socket_address.address,
+        request_id=headers.get("x-request-id", ""),
+    )
+
+
+def header_bytes(check: pb.CheckRequest) -> int:
+    return sum(len(k) + len(v) for k, v in check.attributes.request.http.headers.items())
+
+
+def _header_options(headers: tuple[tuple[str, str], ...]) -> list[base_pb2.HeaderValueOption]:
+    return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
+            for k, v in headers]
+
+
+def to_check_response(d: Decision, timing_header: str | None = None) -> pb.CheckResponse:
+    if d.allowed:
+        if not d.headers and not d.remove_headers and not d.metadata and timing_header is None:
+            return _PLAIN_OK
+        ok = pb.OkHttpResponse(headers=_header_options(d.headers), headers_to_remove=list(d.remove_headers))
+        if timing_header is not None:
+            ok.response_headers_to_add.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="server-timing", value=timing_header),
+                append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD))
+        resp = pb.CheckResponse(status=_OK_STATUS, ok_response=ok)
+        if d.metadata:
+            meta = struct_pb2.Struct()
+            meta.update(d.metadata)
+            resp.dynamic_metadata.CopyFrom(meta)
+        return resp
+    denied = pb.DeniedHttpResponse(status=http_status_pb2.HttpStatus(code=d.status),
+                                   headers=_header_options(d.headers), body=d.body.decode())
+    status = _UNAUTHENTICATED_STATUS if d.status == 401 else _DENIED_STATUS
+    return pb.CheckResponse(status=status, denied_response=denied)
+
+
+class AuthorizationService(pb_grpc.AuthorizationServicer):
+    def __init__(self, runtime_ref):
+        # runtime_ref() returns the Runtime in force; a reload swaps it between calls
+        self._runtime = runtime_ref
+        self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
+
+    async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
+        start = time.perf_counter()
+        rt = self._runtime()
+        try:
+            req = request_from_check(request)
+            if header_bytes(request) > rt.max_header_bytes:
+                decision = deny(431, Reason.HEADERS_TOO_LARGE, "request headers too large")
+            else:
+                decision = core_policy.decide(req, rt.policies, rt.keys, time.time(), rt.token_cache)
+        except Exception:  # noqa: BLE001 - a request we cannot judge is an UNAVAILABLE, never a crash
+            log.exception("check failed")
+            metrics.child(metrics.DECISIONS, "authz", "", "error", Reason.INTERNAL.value).inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc could not judge this request")
+            raise  # unreachable: abort raises
+        elapsed = time.perf_counter() - start
+        self._timing.observe(elapsed)
+        result = "allow" if decision.allowed else "deny"
+        if decision.would_deny:
+            result = "shadow_deny"
+        metrics.child(metrics.DECISIONS, "authz", rt.policy_label(req.policy), result, decision.reason.value).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decision", extra={"request_id": req.request_id, "policy": decision.policy,
+                                         "result": result, "reason": decision.reason.value})
+        timing = f"authz;dur={elapsed * 1000:.3f}" if decision.allowed else None
+        return to_check_response(decision, timing)

@@ -1,0 +1,76 @@
+"""Every Prometheus metric extproc exports, in one place.
+
+Labels are bounded by configuration (service, policy, rule, result, reason, provider), never by
+caller: no user, key, IP or raw path. Per-request metrics are counters and histograms; state
+changes set gauges. With several workers, prometheus-client's multiprocess mode is used
+(PROMETHEUS_MULTIPROC_DIR set by the supervisor before workers import this module), and the
+supervisor's /metrics aggregates them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _mp
+
+MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+DECISIONS = Counter(
+    "extproc_decisions_total", "Decisions taken, by service, policy, result and reason.",
+    ["service", "policy", "result", "reason"])
+DECISION_SECONDS = Histogram(
+    "extproc_decision_duration_seconds", "Time the sidecar spent deciding one call or stream phase.",
+    ["service"], buckets=_LATENCY_BUCKETS)
+STREAMS = Counter(
+    "extproc_streams_total", "ext_proc streams by how they ended.", ["policy", "end"])
+STORE_UP = Gauge(
+    "extproc_store_up", "1 when the store answered its last health probe.", ["store"],
+    multiprocess_mode="livemin")
+STORE_ERRORS = Counter(
+    "extproc_store_errors_total", "Store calls that failed, by kind.", ["store", "kind"])
+JWKS_KEYS = Gauge(
+    "extproc_jwks_keys", "Signing keys currently loaded per provider (0: keys unavailable).", ["provider"],
+    multiprocess_mode="livemin")
+JWKS_FETCHES = Counter(
+    "extproc_jwks_fetches_total", "JWKS fetches by provider and result.", ["provider", "result"])
+JWKS_STALE = Gauge(
+    "extproc_jwks_stale", "1 when the last JWKS refresh failed and older keys are in use.", ["provider"],
+    multiprocess_mode="livemax")
+CONFIG_RELOADS = Counter(
+    "extproc_config_reloads_total", "Config reload attempts by result.", ["result"])
+CONFIG_LOADED_AT = Gauge(
+    "extproc_config_loaded_timestamp_seconds", "When the config in force was loaded.",
+    multiprocess_mode="livemax")
+READY = Gauge(
+    "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
+
+
+@functools.lru_cache(maxsize=8192)
+def child(metric, *labels: str):
+    """A labelled child, cached: `labels()` costs microseconds, this lookup does not.
+    Bounded because label values are bounded by configuration."""
+    return metric.labels(*labels)
+
+
+def render() -> bytes:
+    """The exposition text; aggregated over workers in multiprocess mode."""
+    if MULTIPROC:
+        registry = CollectorRegistry()
+        _mp.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def mark_process_dead(pid: int) -> None:
+    if MULTIPROC:
+        _mp.mark_process_dead(pid)
