@@ -51,7 +51,7 @@ def compile_policies(cfg: cfgmod.Config) -> PolicySet:
         pols[name] = CompiledPolicy(name=name, shadow=p.mode == "shadow", providers=providers)
     forward = {n: p.forward_claims_header.lower() for n, p in cfg.providers.items() if p.forward_claims_header}
     return PolicySet(policies=pols, default=cfg.default_policy, unknown_allows=cfg.unknown_policy == "allow",
-                     forward_headers=forward)
+                     forward_headers=forward, strip_headers=tuple(sorted(set(forward.values()))))
 
 
 @dataclass
@@ -71,8 +71,7 @@ class Runtime:
         return rt
 
     async def start(self) -> None:
-        for s in self.sources:
-            await s.start()
+        await asyncio.gather(*(s.start() for s in self.sources))
 
     async def close(self) -> None:
         for s in self.sources:
@@ -187,8 +186,13 @@ class Worker:
             return
         self.draining = True
         metrics.READY.set(0)
-        log.info("draining", extra={"grace_seconds": self.cfg.server.shutdown_grace_seconds})
+        log.info("draining", extra={"grace_seconds": self.cfg.server.shutdown_grace_seconds,
+                                    "delay_seconds": self.cfg.server.drain_delay_seconds})
         await self.health.enter_graceful_shutdown()
+        if self.server is not None and self.cfg.server.drain_delay_seconds > 0:
+            # calls keep being served while Envoy's health checks notice NOT_SERVING; a call that
+            # reached a stopping gRPC server before dispatch would be CANCELLED, not retried
+            await asyncio.sleep(self.cfg.server.drain_delay_seconds)
         if self.server is not None:
             await self.server.stop(self.cfg.server.shutdown_grace_seconds)
         for t in self._tasks:

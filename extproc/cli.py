@@ -36,9 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = cfgmod.load(args.config) if args.config else cfgmod.Config()
         if args.workers is not None:
-            cfg = cfgmod.Config.model_validate(
-                {**cfg.model_dump(), "server": {**cfg.server.model_dump(), "workers": args.workers}})
-    except (cfgmod.ConfigError, ValueError) as exc:
+            cfg = cfgmod.override_workers(cfg, args.workers, args.config or "defaults")
+    except cfgmod.ConfigError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
     if args.worker_index is not None:

@@ -36,6 +36,9 @@ class Server(_Closed):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 512
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=300)] = 10.0
+    # after SIGTERM, keep serving while health says NOT_SERVING so Envoy's health checks move
+    # traffic away before the server stops accepting (interval 1 s x unhealthy_threshold 2)
+    drain_delay_seconds: Annotated[float, Field(ge=0, le=120)] = 2.5
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
     tls: TLS | None = None
 
@@ -287,6 +290,16 @@ def parse(text: str, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err, _line_index(text))) from None
+
+
+def override_workers(cfg: Config, workers: int, source: str) -> Config:
+    """`serve --workers N`: the same validation as the file (e.g. N > 1 needs Redis)."""
+    data = cfg.model_dump()
+    data["server"]["workers"] = workers
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(f"{source} with --workers {workers}", err, {})) from None
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -77,6 +77,7 @@ class Supervisor:
         ready = not self.draining and any(alive.values())
         return ready, {"config": "loaded", "draining": self.draining,
                        "workers": {str(i): ("up" if a else "down") for i, a in alive.items()},
+                       "worker_pids": {str(i): p.pid for i, p in self.procs.items()},
                        "store": {"kind": self.cfg.store.kind}}
 
     async def stop(self) -> None:
@@ -85,7 +86,7 @@ class Supervisor:
         self.draining = True
         log.info("draining workers")
         self.signal_all(signal.SIGTERM)
-        deadline = self.cfg.server.shutdown_grace_seconds + 5
+        deadline = self.cfg.server.drain_delay_seconds + self.cfg.server.shutdown_grace_seconds + 5
         try:
             async with asyncio.timeout(deadline):
                 await asyncio.gather(*(p.wait() for p in self.procs.values()))

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import jwt
-from .decision import Decision, allow, deny
+from .decision import Decision, deny
 from .reasons import Reason
 from .request import Request
 
@@ -36,6 +36,8 @@ class PolicySet:
     default: str | None
     unknown_allows: bool
     forward_headers: Mapping[str, str]  # provider -> request header carrying the subject upstream
+    # identity headers the upstream trusts: a client's copy never passes unverified
+    strip_headers: tuple[str, ...] = ()
 
     def select(self, name: str | None) -> CompiledPolicy | None:
         if not name:
@@ -71,19 +73,21 @@ def decide(req: Request, policies: PolicySet,
     if policy is None:
         name = req.policy or ""
         if policies.unknown_allows:
-            return allow(Reason.POLICY_UNKNOWN, policy=name)
+            return Decision(True, Reason.POLICY_UNKNOWN, remove_headers=policies.strip_headers, policy=name)
         return deny(403, Reason.POLICY_UNKNOWN, "this route names no known policy", policy=name)
-    decision = _authenticate(req, policy, keys, now, cache, policies.forward_headers)
+    decision = _authenticate(req, policy, keys, now, cache, policies.forward_headers, policies.strip_headers)
     if policy.shadow and not decision.allowed:
-        return allow(decision.reason, policy=policy.name, rule=decision.rule, would_deny=True)
+        return Decision(True, decision.reason, remove_headers=policies.strip_headers, policy=policy.name,
+                        rule=decision.rule, would_deny=True)
     return decision
 
 
 def _authenticate(req: Request, policy: CompiledPolicy,
                   keys: Mapping[str, tuple[jwt.ProviderRules, jwt.KeySet]], now: float,
-                  cache: jwt.TokenCache | None, forward: Mapping[str, str]) -> Decision:
+                  cache: jwt.TokenCache | None, forward: Mapping[str, str],
+                  strip: tuple[str, ...]) -> Decision:
     if not policy.providers:
-        return allow(Reason.PUBLIC, policy=policy.name)
+        return Decision(True, Reason.PUBLIC, remove_headers=strip, policy=policy.name)
     token = bearer_token(req)
     if token is None:
         return deny(401, Reason.TOKEN_MISSING, "a bearer token is required", policy=policy.name,
@@ -98,8 +102,9 @@ def _authenticate(req: Request, policy: CompiledPolicy,
     sub = sub if isinstance(sub, str) else ""
     meta = {"sub": sub, "provider": provider or "", "policy": policy.name}
     header = forward.get(provider or "")
-    if header and sub:
-        return allow(Reason.OK, policy=policy.name, rule="jwt", metadata=meta, headers=((header, sub),))
-    # a client-sent copy of the subject header must never reach the upstream as if we set it
-    return Decision(True, Reason.OK, remove_headers=(header,) if header else (), metadata=meta,
+    # a client-sent copy of an identity header never reaches the upstream as if we had set it;
+    # the one we set (overwrite) replaces any copy
+    headers = ((header, sub),) if header and sub else ()
+    remove = tuple(h for h in strip if not (headers and h == header))
+    return Decision(True, Reason.OK, headers=headers, remove_headers=remove, metadata=meta,
                     policy=policy.name, rule="jwt")

@@ -547,6 +547,7 @@ def build_app(replica_id: str, key: idp.SigningKey) -> web.Application:
     r.add_route("*", "/status/{code}", upstream.status)
     r.add_route("*", "/delay/{ms}", upstream.delay)
     r.add_route("*", "/echo/headers", upstream.echo_headers)
+    r.add_route("*", "/api/echo", upstream.echo_headers)   # the same echo behind the protected /api/ routes
     r.add_route("*", "/echo/cache", upstream.echo_cache)
     r.add_get("/bytes/{n}", upstream.bytes_)
     r.add_get("/_control/hits", upstream.control_hits)

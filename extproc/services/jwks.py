@@ -45,6 +45,7 @@ class KeySource:
         sink[name] = (self.rules, NO_KEYS)
         self._task: asyncio.Task[None] | None = None
         self._stale = False
+        self._failing = False
         self._session: aiohttp.ClientSession | None = None
 
     def _install(self, keyset: KeySet, origin: str) -> None:
@@ -76,7 +77,11 @@ class KeySource:
             self.load_file(self.provider.jwks_file)
             return
         metrics.JWKS_KEYS.labels(self.name).set(0)
-        self._task = asyncio.create_task(self._refresh_loop(), name=f"jwks-{self.name}")
+        # the first fetch happens before the worker reports SERVING (bounded by fetch_timeout_ms),
+        # so a restarted sidecar does not answer keys_unavailable to valid tokens meanwhile;
+        # later refreshes run in the background and no request ever waits on one
+        delay = await self._attempt()
+        self._task = asyncio.create_task(self._refresh_loop(delay), name=f"jwks-{self.name}")
 
     async def fetch_once(self) -> float:
         """Fetch the JWKS; returns seconds until the next refresh. Raises on failure."""
@@ -101,26 +106,28 @@ class KeySource:
             interval = min(interval, max(5.0, int(m.group(1)) * 0.9))
         return interval
 
-    async def _refresh_loop(self) -> None:
-        failing = False
+    async def _attempt(self) -> float:
+        """One fetch; returns the delay before the next. Failures keep the old keys, log once."""
+        try:
+            delay = await self.fetch_once()
+            self._failing = False
+            return delay
+        except Exception as exc:  # noqa: BLE001 - any fetch failure keeps the old keys
+            metrics.JWKS_FETCHES.labels(self.name, "error").inc()
+            if self.keyset.loaded:
+                self._set_stale(True)
+            if not self._failing:
+                log.warning("jwks fetch failed; %s", "keeping last good keys" if self.keyset.loaded
+                            else "keys unavailable until a fetch succeeds",
+                            extra={"provider": self.name, "uri": self.provider.jwks_uri,
+                                   "error": f"{type(exc).__name__}: {exc}"})
+            self._failing = True
+            return self.provider.retry_interval_seconds
+
+    async def _refresh_loop(self, delay: float) -> None:
         while True:
-            try:
-                delay = await self.fetch_once()
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any fetch failure keeps the old keys
-                metrics.JWKS_FETCHES.labels(self.name, "error").inc()
-                if self.keyset.loaded:
-                    self._set_stale(True)
-                if not failing:
-                    log.warning("jwks fetch failed; %s", "keeping last good keys" if self.keyset.loaded
-                                else "keys unavailable until a fetch succeeds",
-                                extra={"provider": self.name, "uri": self.provider.jwks_uri,
-                                       "error": f"{type(exc).__name__}: {exc}"})
-                failing = True
-                delay = self.provider.retry_interval_seconds
             await asyncio.sleep(delay)
+            delay = await self._attempt()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-RUNNING: list[Proc] = []
+RUNNING: list[Proc] = []      # started and not yet stopped
+STARTED: list[Proc] = []      # every process this session started, for failure reports
 
 
 def free_port() -> int:
@@ -90,6 +91,7 @@ class Proc:
                                       cwd=str(cwd or ROOT), start_new_session=True)
         self.pid = self.popen.pid
         RUNNING.append(self)
+        STARTED.append(self)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -144,3 +146,24 @@ class Proc:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def free_consecutive(n: int, low: int = 20000, high: int = 40000) -> int:
+    """A base port such that base .. base+n-1 are all free (for `serve --workers n`)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(low, high - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports found")

@@ -1,0 +1,119 @@
+"""The one store contract every backend answers: memory, Redis, Redis Cluster.
+
+Decides the shape of shared state as the rest of the sidecar sees it: a handful of
+operations (bytes get/set/delete, counters, an atomic fixed-window hit), all async, and one
+error type. Drivers' exceptions never cross this boundary: each backend turns them into
+`StoreError`, whose `transient` flag says whether retrying later can help (connection lost,
+timeout, cluster failover) or not (a wrong-type value, bad credentials), and whose `timeout`
+flag lets callers report `store_timeout` apart from `store_error`. What a store failure
+*means* for a request (fail open, fail closed) is the calling policy's decision, not the
+store's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class StoreError(Exception):
+    """A store operation failed; the message names the backend and the operation.
+
+    `transient`: the same call may succeed later (network, timeout, failover, overload).
+    `timeout`: the backend did not answer in time (implies transient).
+    """
+
+    def __init__(self, message: str, *, transient: bool, timeout: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.transient = transient or timeout
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"StoreError({self.message!r}, transient={self.transient}, timeout={self.timeout})"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """The answer to one fixed-window hit.
+
+    `count` is the window's total after this hit (unchanged when rejected), `remaining` is
+    `limit - count` floored at 0, and `reset_after_ms` is the time until the window's counter
+    disappears (the full window when no window was running).
+    """
+
+    allowed: bool
+    count: int
+    remaining: int
+    reset_after_ms: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Shared state for the sidecar's policies.
+
+    Keys are built with `extproc.store.keys` so that everything one operation touches
+    shares a Redis Cluster hash tag. TTLs are milliseconds and must be >= 1.
+    """
+
+    name: str  # "memory" | "redis" | "redis-cluster"
+
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when the key is missing or expired."""
+        ...
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        """Store `value`; without `ttl_ms` the key never expires (an old TTL is dropped)."""
+        ...
+
+    async def delete(self, *keys: str) -> int:
+        """Remove keys; returns how many existed."""
+        ...
+
+    async def incr(self, key: str, amount: int = 1, ttl_ms: int | None = None) -> int:
+        """Add `amount` to an integer counter (missing counts as 0) and return the new value.
+
+        `ttl_ms` applies only when this call creates the key; an existing key keeps its
+        expiry. A value that is not an integer raises StoreError(transient=False).
+        """
+        ...
+
+    async def fixed_window_hit(self, key: str, limit: int, window_ms: int, cost: int = 1) -> WindowResult:
+        """Atomically charge `cost` against `limit` in the window stored at `key`.
+
+        The window starts at its first admitted hit (the key lives `window_ms`). A hit that
+        would exceed the limit is rejected and not charged, so later cheaper hits may pass.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Return when the backend answers; raise StoreError when it does not."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; call from the event loop that used the store."""
+        ...
+
+
+def check_ttl(ttl_ms: int | None) -> None:
+    """Reject TTLs Redis would refuse, before any I/O, identically for every backend."""
+    if ttl_ms is not None and (not isinstance(ttl_ms, int) or ttl_ms < 1):
+        raise ValueError(f"ttl_ms must be a positive integer of milliseconds, got {ttl_ms!r}")
+
+
+def check_window(limit: int, window_ms: int, cost: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit!r}")
+    if window_ms < 1:
+        raise ValueError(f"window_ms must be >= 1, got {window_ms!r}")
+    if cost < 1:
+        raise ValueError(f"cost must be >= 1, got {cost!r}")
+
+
+def as_bytes(value: bytes) -> bytes:
+    """Values are bytes on every backend (Redis would silently stringify anything else)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"store values are bytes, got {type(value).__name__}")

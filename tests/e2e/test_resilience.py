@@ -1,0 +1,214 @@
+"""Sidecar failures as Envoy's clients see them: restarts, drains, a dead worker, a dead Redis.
+
+Each test here kills or drains a sidecar, so each gets its own stack (the shared session stack
+is never disturbed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from extproc.demo import idp
+from tests.support.http import get
+from tests.support.procs import free_consecutive, http_status, wait_until
+from tests.support.redis_servers import RedisServer
+from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
+
+pytestmark = pytest.mark.e2e
+
+
+class Load:
+    """A bounded background load of GETs; records every status (0 = connection error)."""
+
+    def __init__(self, url: str, token: str | None = None, threads: int = 4, max_seconds: float = 30.0):
+        self.url, self.token = url, token
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                status = get(self.url, self.token, timeout=5).status
+            except OSError:
+                status = 0
+            with self._lock:
+                self.statuses.append(status)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.statuses)
+
+    def wait_for_more(self, n: int, timeout: float = 15.0) -> None:
+        target = self.count() + n
+        wait_until(lambda: self.count() >= target, timeout=timeout, what=f"{n} more requests")
+
+
+@pytest.fixture
+def own_stack(tmp_path):
+    s = new_stack(tmp_path / "stack")
+    try:
+        s.start_upstream()
+        s.write_sidecar_config()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_sidecar_restart_under_load_never_lets_traffic_through_unchecked(own_stack):
+    s = own_stack
+    s.start_sidecar()
+    s.start_envoy()
+    token = idp.load_or_create(s.dir).mint("alice")
+    with Load(f"{s.external}/api/products/1") as anon, Load(f"{s.external}/api/products/1", token) as authed:
+        anon.wait_for_more(20)
+        authed.wait_for_more(20)
+        s.procs["sidecar"].kill()                         # crash, not a drain
+        wait_until(lambda: http_status(f"{s.external}/api/products/1") == 503, what="envoy answering 503")
+        anon.wait_for_more(20)
+        authed.wait_for_more(20)
+        s.start_sidecar(name="sidecar-restarted")         # same ports; Envoy is not restarted
+        wait_until(lambda: get(f"{s.external}/api/products/1", token).status == 200, timeout=20,
+                   what="traffic resuming through the same Envoy")
+        authed.wait_for_more(20)
+    anon_seen = Counter(anon.statuses)
+    authed_seen = Counter(authed.statuses)
+    # without a token: only 401 (decided) or 503 (sidecar down) — never the upstream's 200
+    assert set(anon_seen) <= {401, 503}, anon_seen
+    assert anon_seen[503] > 0 and anon_seen[401] > 0
+    # with a token: 200 before and after, the honest 503 in between, nothing else
+    assert set(authed_seen) <= {200, 503}, authed_seen
+    assert authed_seen[200] > 0 and authed_seen[503] > 0
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_zero(own_stack):
+    s = own_stack
+    side = s.start_sidecar()
+    s.start_envoy()
+    result: dict[str, object] = {}
+
+    def slow() -> None:
+        # /delay keeps the ext_proc stream open until the upstream answers
+        try:
+            result["status"] = get(f"{s.external}/delay/1500", timeout=10).status
+        except OSError as exc:
+            result["status"] = exc
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_until(lambda: get_json(f"{s.upstream}/_control/hits")["hits"].get("/delay/1500", 0) >= 1,
+               what="the slow request reaching the upstream")
+    side.signal(signal.SIGTERM)
+    wait_until(lambda: http_status(f"{s.sidecar_admin}/readyz") == 503, timeout=5, what="readyz saying draining")
+    assert t.is_alive()                       # the in-flight request is still being served
+    t.join(timeout=15)
+    assert result.get("status") == 200, result
+    side.popen.wait(timeout=15)
+    assert side.popen.returncode == 0
+    log = side.log_text()
+    assert '"msg": "draining"' in log and '"msg": "stopped"' in log
+    assert "Traceback" not in log
+
+
+def test_two_workers_one_killed_loses_no_request(tmp_path):
+    """SIGTERM of a worker under load loses nothing (it drains); SIGKILL loses at most the
+    ext_proc streams that worker held at that instant (one per client connection), answered
+    503, and nothing after: Envoy retries calls on the other worker."""
+    redis = RedisServer(tmp_path / "redis")
+    base = free_consecutive(2)
+    s = new_stack(tmp_path / "stack")
+    s.ports["sidecar"] = base
+    threads = 4
+
+    def workers() -> dict:
+        return get_json(f"{s.sidecar_admin}/readyz")
+
+    def both_up() -> bool:
+        w = workers()["workers"]
+        return len(w) == 2 and all(v == "up" for v in w.values())
+
+    try:
+        s.start_upstream()
+        s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url}}})
+        sup = s.start_sidecar()
+        wait_until(both_up, what="both workers up")
+        s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
+        token = idp.load_or_create(s.dir).mint("alice")
+
+        pids = workers()["worker_pids"]
+        with Load(f"{s.external}/api/products/1", token, threads=threads) as load:
+            load.wait_for_more(50)
+            os.kill(int(pids["1"]), signal.SIGTERM)
+            wait_until(lambda: workers()["worker_pids"]["1"] != pids["1"] and both_up(), what="worker 1 back")
+            load.wait_for_more(100)
+            # Envoy's view: both workers healthy and not ejected before the next failure
+            try:
+                wait_until(s.sidecar_hosts_healthy, timeout=20, what="envoy seeing both workers healthy")
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}: {s.last_health_flags}") from None
+        assert set(Counter(load.statuses)) == {200}, Counter(load.statuses)
+
+        pids = workers()["worker_pids"]
+        with Load(f"{s.external}/api/products/1", token, threads=threads) as load:
+            load.wait_for_more(50)
+            os.kill(int(pids["0"]), signal.SIGKILL)
+            load.wait_for_more(50)
+            killed_at = load.count()
+            load.wait_for_more(200)
+        seen = Counter(load.statuses)
+        assert set(seen) <= {200, 503}, seen
+        assert seen[503] <= threads, seen
+        assert set(load.statuses[killed_at:]) == {200}
+        wait_until(lambda: workers()["worker_pids"]["0"] != pids["0"] and both_up(), what="worker 0 restarted")
+        assert sup.alive()
+    finally:
+        s.stop()
+        redis.stop()
+
+
+def test_redis_unreachable_at_start_is_one_clear_error(own_stack):
+    s = own_stack
+    from tests.support.procs import free_port
+
+    dead = free_port()
+    s.write_sidecar_config({"store": {"redis": {"url": f"redis://127.0.0.1:{dead}/0", "timeout_ms": 50}}})
+    side = s.start_sidecar()
+    detail = get_json(f"{s.sidecar_admin}/readyz")
+    wait_until(lambda: get_json(f"{s.sidecar_admin}/readyz")["store"]["up"] is False, what="store down reported")
+    assert detail["ready"] is True          # a store outage never takes the sidecar out of rotation
+    s.start_envoy()
+    token = idp.load_or_create(s.dir).mint("alice")
+    assert get(f"{s.external}/api/products/1", token).status == 200
+    log = side.log_text()
+    assert log.count("store unreachable") == 1
+    assert "Traceback" not in log
+
+
+def test_workers_with_memory_store_are_refused(own_stack):
+    s = own_stack
+    import subprocess
+
+    from tests.support.procs import VENV_BIN
+
+    out = subprocess.run([str(VENV_BIN / "extproc"), "serve", "--config", str(s.config_path), "--workers", "2"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "store.redis" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,194 @@
+"""extproc.yaml loading: one bad-config fixture per error, each with its exact message.
+
+Every file in tests/fixtures/bad_configs/ opens with `# expect: <text>` (a substring of the
+error message) and, where the error has a place in the file, `# line: N`. The loader must name
+the file, the line (`file:N:`), the key path and the expected text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from extproc import cli
+from extproc import config as cfgmod
+
+ROOT = Path(__file__).resolve().parents[2]
+BAD = ROOT / "tests" / "fixtures" / "bad_configs"
+BAD_FILES = sorted(BAD.glob("*.yaml"))
+
+# Known gaps in extproc/config.py (see the report): cross-reference checks run in a model
+# validator on the whole Config, so pydantic gives them no location and the message says
+# "(top level)" instead of `file:LINE:`; PyYAML keeps the last of two duplicate keys silently.
+LINE_GAPS = {"workers_with_memory_store.yaml", "policy_unknown_provider.yaml",
+             "default_policy_undefined.yaml"}
+NOT_DETECTED = {"duplicate_key.yaml"}
+
+
+def _header(path: Path) -> tuple[str, int | None]:
+    expect, line = None, None
+    for text in path.read_text().splitlines():
+        if not text.startswith("#"):
+            break
+        if m := re.fullmatch(r"# expect: (.+)", text):
+            expect = m.group(1)
+        elif m := re.fullmatch(r"# line: (\d+)", text):
+            line = int(m.group(1))
+    assert expect, f"{path.name}: first line must be '# expect: <text>'"
+    return expect, line
+
+
+def _params(gaps: set[str]) -> list:
+    out = []
+    for p in BAD_FILES:
+        marks = []
+        if p.name in NOT_DETECTED:
+            marks.append(pytest.mark.xfail(strict=True, reason="duplicate YAML keys are not detected"))
+        elif p.name in gaps:
+            marks.append(pytest.mark.xfail(strict=True, reason="cross-reference errors carry no line"))
+        out.append(pytest.param(p, id=p.stem, marks=marks))
+    return out
+
+
+def test_every_error_class_has_a_fixture():
+    names = {p.name for p in BAD_FILES}
+    wanted = {"unknown_key.yaml", "wrong_type.yaml", "provider_without_issuer.yaml", "yaml_syntax.yaml",
+              "negative_leeway.yaml", "zero_max_keys.yaml", "workers_with_memory_store.yaml",
+              "listen_beyond_loopback.yaml", "admin_beyond_loopback.yaml", "policy_unknown_provider.yaml",
+              "default_policy_undefined.yaml", "redis_inline_credentials.yaml", "memory_and_redis.yaml"}
+    assert wanted <= names
+    for p in BAD_FILES:
+        assert p.read_text().startswith("# expect: "), p.name
+
+
+@pytest.mark.parametrize("path", _params(set()))
+def test_bad_config_is_rejected_with_its_message(path: Path):
+    expect, _ = _header(path)
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.load(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert expect in msg, msg
+
+
+@pytest.mark.parametrize("path", [p for p in _params(LINE_GAPS) if _header(p.values[0])[1] is not None])
+def test_bad_config_names_the_line(path: Path):
+    _, line = _header(path)
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.load(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:{line}:"), msg
+
+
+def test_every_problem_is_reported_once_per_line(tmp_path: Path):
+    p = tmp_path / "two.yaml"
+    p.write_text("server:\n  max_inflight: 3\nadmin:\n  listne: 127.0.0.1:1\n")
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.load(p)
+    lines = str(info.value).splitlines()
+    assert lines == [
+        f"{p}:2: server.max_inflight: unknown key (not part of extproc.yaml; check the spelling)",
+        f"{p}:4: admin.listne: unknown key (not part of extproc.yaml; check the spelling)",
+    ]
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(cfgmod.ConfigError, match=r"nope\.yaml: cannot read"):
+        cfgmod.load(missing)
+
+
+def test_empty_file_is_the_default_config(tmp_path: Path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing set\n")
+    cfg = cfgmod.load(p)
+    assert cfg == cfgmod.Config()
+    assert cfg.store.kind == "memory"
+    assert cfg.server.listen == "127.0.0.1:50051"
+
+
+def test_shipped_config_loads():
+    cfg = cfgmod.load(ROOT / "extproc.yaml")
+    assert set(cfg.policies) == {"public", "api", "api-shadow"}
+    assert cfg.default_policy == "api"
+    assert cfg.unknown_policy == "deny"
+    assert cfg.policies["api-shadow"].mode == "shadow"
+    assert cfg.providers["demo"].forward_claims_header == "x-jwt-sub"
+    assert cfg.store.kind == "memory"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    p = sub / "extproc.yaml"
+    p.write_text("providers:\n  demo:\n    issuer: x\n    jwks_file: keys/jwks.json\n"
+                 "admin:\n  token_file: /abs/token\n")
+    cfg = cfgmod.load(p)
+    assert cfg.providers["demo"].jwks_file == sub / "keys" / "jwks.json"
+    assert cfg.admin.token_file == Path("/abs/token")
+
+
+def test_non_loopback_listen_is_accepted_with_tls_or_unix():
+    tls = cfgmod.parse("server:\n  listen: 0.0.0.0:50051\n  tls: {cert_file: c.pem, key_file: k.pem}\n")
+    assert tls.server.tls is not None
+    unix = cfgmod.parse("server:\n  listen: unix:/run/extproc.sock\n")
+    assert unix.server.worker_listen(0) == "unix:/run/extproc.sock"
+    remote_admin = cfgmod.parse("admin:\n  listen: 0.0.0.0:9902\n  allow_remote: true\n")
+    assert remote_admin.admin.allow_remote
+
+
+def test_workers_take_consecutive_ports():
+    cfg = cfgmod.parse("server:\n  listen: 127.0.0.1:50051\n  workers: 3\n"
+                       "store:\n  redis:\n    url: redis://127.0.0.1:6379/0\n")
+    assert [cfg.server.worker_listen(i) for i in range(3)] == [
+        "127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
+
+
+def test_check_config_cli_accepts_the_shipped_file(capsys: pytest.CaptureFixture[str]):
+    path = str(ROOT / "extproc.yaml")
+    assert cli.main(["check-config", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{path}: OK (3 policies, 1 providers, store memory, 1 worker(s))")
+    assert err == ""
+
+
+def test_check_config_cli_reports_a_bad_file_on_stderr(capsys: pytest.CaptureFixture[str]):
+    path = BAD / "unknown_key.yaml"
+    assert cli.main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{path}:4: server.max_inflight: unknown key" in err
+
+
+def test_redacted_hides_where_secrets_come_from(tmp_path: Path):
+    cfg = cfgmod.parse(
+        "admin:\n  token_env: MY_ADMIN_TOKEN_VAR\n"
+        "store:\n  redis:\n    url: redis://127.0.0.1:6379/0\n    password_file: /run/secrets/redis-pw\n"
+        "server:\n  tls: {cert_file: /tls/cert.pem, key_file: /tls/key.pem}\n")
+    out = cfgmod.redacted(cfg)
+    text = json.dumps(out)
+    for secret in ("MY_ADMIN_TOKEN_VAR", "/run/secrets/redis-pw", "/tls/key.pem"):
+        assert secret not in text
+    assert out["admin"]["token_env"] == "<redacted>"
+    assert out["store"]["redis"]["password_file"] == "<redacted>"
+    assert out["server"]["tls"]["key_file"] == "<redacted>"
+    # what is not a secret stays readable; unset secret sources stay null
+    assert out["server"]["tls"]["cert_file"] == "/tls/cert.pem"
+    assert out["store"]["redis"]["url"] == "redis://127.0.0.1:6379/0"
+    assert out["store"]["redis"]["password_env"] is None
+    assert out["admin"]["token_file"] is None
+
+
+def test_read_secret_prefers_the_file_and_strips_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    f = tmp_path / "token"
+    f.write_text("s3cret\n")
+    monkeypatch.setenv("SOME_TOKEN_VAR", "from-env")
+    assert cfgmod.read_secret(f, "SOME_TOKEN_VAR", "admin.token") == "s3cret"
+    assert cfgmod.read_secret(None, "SOME_TOKEN_VAR", "admin.token") == "from-env"
+    monkeypatch.setenv("SOME_TOKEN_VAR", "")
+    assert cfgmod.read_secret(None, "SOME_TOKEN_VAR", "admin.token") is None
+    with pytest.raises(cfgmod.ConfigError, match=r"admin\.token: cannot read"):
+        cfgmod.read_secret(tmp_path / "missing", None, "admin.token")
