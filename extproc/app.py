@@ -221,13 +221,20 @@ class Worker:
                 log.error("config reload rejected; the previous config keeps serving",
                           extra={"trigger": reason, "error": str(exc)})
                 return False, str(exc)
-            restart_needed = [k for k in ("server", "store") if getattr(new, k) != getattr(self.cfg, k)]
+            # the listener, workers and store are fixed for the process; the rest reloads
+            fixed = self.cfg.server.model_dump(exclude={"max_header_bytes"})
+            restart_needed = [k for k, changed in (
+                ("server", new.server.model_dump(exclude={"max_header_bytes"}) != fixed),
+                ("store", new.store != self.cfg.store)) if changed]
             if restart_needed:
                 log.warning("config changes to %s take effect after a restart", ", ".join(restart_needed))
             rt = Runtime.build(new)
             await rt.start()
+            kept_server = self.cfg.server.model_copy(update={"max_header_bytes": new.server.max_header_bytes})
             old, self.runtime, self.cfg = self.runtime, rt, new.model_copy(
-                update={k: getattr(self.cfg, k) for k in ("server", "store")})
+                update={"server": kept_server, "store": self.cfg.store})
+            if self.admin is not None:
+                self.admin.cfg = self.cfg.admin   # a rotated admin token applies at once
             await old.close()
             metrics.CONFIG_RELOADS.labels("ok").inc()
             metrics.CONFIG_LOADED_AT.set(time.time())

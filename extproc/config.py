@@ -185,22 +185,25 @@ class Config(_Closed):
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Checks across sections, as (key path, message): run after the field checks so each
+        message can still name its line."""
+        out: list[tuple[tuple[str, ...], str]] = []
         for name, pol in self.policies.items():
             if isinstance(pol.auth, AuthJwt):
-                for p in pol.auth.providers:
+                for i, p in enumerate(pol.auth.providers):
                     if p not in self.providers:
-                        raise ValueError(f"policies.{name}.auth.providers names unknown provider {p!r} "
-                                         f"(defined: {sorted(self.providers) or 'none'})")
+                        out.append((("policies", name, "auth", "providers", str(i)),
+                                    f"unknown provider {p!r} (defined: {sorted(self.providers) or 'none'})"))
         if self.default_policy is not None and self.default_policy not in self.policies:
-            raise ValueError(f"default_policy {self.default_policy!r} is not a defined policy "
-                             f"(defined: {sorted(self.policies) or 'none'})")
+            out.append((("default_policy",), f"{self.default_policy!r} is not a defined policy "
+                                             f"(defined: {sorted(self.policies) or 'none'})"))
         if self.server.workers > 1 and self.store.kind == "memory":
-            raise ValueError(f"server.workers is {self.server.workers} but the store is in-memory, which is "
-                             "per process: limits and breaker state would split across workers. Configure "
-                             "store.redis, or run one worker")
-        return self
+            out.append((("server", "workers"),
+                        f"{self.server.workers} workers need a shared store, but the store is in-memory, which "
+                        "is per process: limits and breaker state would split across workers. Configure "
+                        "store.redis, or run one worker"))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,9 +277,34 @@ def _is_branch_name(part: str) -> bool:
     return part[:1].isupper() or "[" in part or part.startswith("function-")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check(cfg: Config, source: str, lines: dict[tuple[str, ...], int]) -> Config:
+    problems = cfg.problems()
+    if problems:
+        out = []
+        for loc, msg in problems:
+            line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+            out.append(f"{source}:{line}: {'.'.join(loc)}: {msg}" if line else f"{source}: {'.'.join(loc)}: {msg}")
+        raise ConfigError("\n".join(out))
+    return cfg
+
+
 def parse(text: str, source: str = "<config>") -> Config:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -286,20 +314,24 @@ def parse(text: str, source: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    lines = _line_index(text)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err, _line_index(text))) from None
+        raise ConfigError(_format_errors(source, err, lines)) from None
+    return _check(cfg, source, lines)
 
 
 def override_workers(cfg: Config, workers: int, source: str) -> Config:
     """`serve --workers N`: the same validation as the file (e.g. N > 1 needs Redis)."""
     data = cfg.model_dump()
     data["server"]["workers"] = workers
+    where = f"{source} with --workers {workers}"
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(f"{source} with --workers {workers}", err, {})) from None
+        raise ConfigError(_format_errors(where, err, {})) from None
+    return _check(cfg, where, {})
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -43,7 +43,6 @@ class AdminServer:
     def __init__(self, cfg: cfgmod.Admin, target: Target):
         self.cfg = cfg
         self.target = target
-        self.token = cfgmod.read_secret(cfg.token_file, cfg.token_env, "admin.token")
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -73,12 +72,18 @@ class AdminServer:
             self._runner = None
 
     def _authorized(self, request: web.Request) -> web.Response | None:
-        if not self.token:
+        # read per call (admin calls are rare): a rotated token file applies without a restart
+        try:
+            token = cfgmod.read_secret(self.cfg.token_file, self.cfg.token_env, "admin.token")
+        except cfgmod.ConfigError as exc:
+            log.error("admin token unreadable", extra={"error": str(exc)})
+            token = None
+        if not token:
             return web.json_response({"error": "admin token not configured: set admin.token_file or "
                                       "admin.token_env to enable mutating endpoints"}, status=403)
         got = request.headers.get("Authorization", "")
         scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
             return web.json_response({"error": "bearer token required"}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer realm="extproc-admin"'})
         return None

@@ -26,6 +26,7 @@ from jwt.api_jwk import PyJWK
 from .reasons import Reason
 
 MAX_TOKEN_BYTES = 8192
+_KEY_TYPE = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}   # JWS alg prefix -> JWK kty
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class Verified:
     claims: dict[str, Any] | None
     reason: Reason
     detail: str = ""
+    kid: str = ""                       # the key that verified the signature
 
     @property
     def ok(self) -> bool:
@@ -78,20 +80,23 @@ class Verified:
 
 
 class TokenCache:
-    """Bounded LRU of verified tokens: token -> (provider name, claims)."""
+    """Bounded LRU of verified tokens: token -> (provider name, claims, kid of the verifying key).
+
+    A hit counts only while that key is still published: a key removed by rotation or because
+    it leaked stops its cached tokens at the next request, not at their expiry."""
 
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, dict[str, Any], str]] = OrderedDict()
 
-    def get(self, token: str) -> tuple[str, dict[str, Any]] | None:
+    def get(self, token: str) -> tuple[str, dict[str, Any], str] | None:
         hit = self._entries.get(token)
         if hit is not None:
             self._entries.move_to_end(token)
         return hit
 
-    def put(self, token: str, provider: str, claims: dict[str, Any]) -> None:
-        self._entries[token] = (provider, claims)
+    def put(self, token: str, provider: str, claims: dict[str, Any], kid: str) -> None:
+        self._entries[token] = (provider, claims, kid)
         self._entries.move_to_end(token)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -136,15 +141,15 @@ def check_signature(token: str, rules: ProviderRules, keyset: KeySet) -> Verifie
         key = keyset.keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             return _fail(Reason.JWT_UNKNOWN_KID, "unknown key id")
-        candidates = [key]
+        candidates = [(kid, key)]
     else:
-        candidates = list(keyset.keys.values())
-    for key in candidates:
-        if key._jwk_data.get("alg", alg) != alg:
-            continue  # a key published for another algorithm is never used for this one (RFC 8725 §3.1)
+        candidates = list(keyset.keys.items())
+    for key_id, key in candidates:
+        if key._jwk_data.get("alg", alg) != alg or key.key_type != _KEY_TYPE.get(alg[:2]):
+            continue  # a key published for another algorithm or key type is never used (RFC 8725 §3.1)
         try:
             payload = pyjwt.api_jws.decode_complete(token, key=key.key, algorithms=[alg])["payload"]
-        except pyjwt.InvalidSignatureError:
+        except (pyjwt.InvalidSignatureError, pyjwt.InvalidKeyError, TypeError, ValueError):
             continue
         except pyjwt.PyJWTError:
             return _fail(Reason.TOKEN_MALFORMED, "token cannot be decoded")
@@ -154,7 +159,7 @@ def check_signature(token: str, rules: ProviderRules, keyset: KeySet) -> Verifie
             return _fail(Reason.TOKEN_MALFORMED, "claims are not JSON")
         if not isinstance(claims, dict):
             return _fail(Reason.TOKEN_MALFORMED, "claims are not an object")
-        return Verified(claims, Reason.OK)
+        return Verified(claims, Reason.OK, kid=key_id)
     return _fail(Reason.JWT_BAD_SIGNATURE, "signature does not verify")
 
 
@@ -197,11 +202,15 @@ def _is_number(v: Any) -> bool:
 def verify(token: str, providers: Mapping[str, tuple[ProviderRules, KeySet]], now: float,
            cache: TokenCache | None = None) -> tuple[str | None, Verified]:
     """Verify `token` against one of `providers` (picked by issuer). Returns (provider, result)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        return None, _fail(Reason.TOKEN_MALFORMED, "token too large")
     if cache is not None:
         hit = cache.get(token)
-        if hit is not None and hit[0] in providers:
-            rules = providers[hit[0]][0]
-            return hit[0], check_claims(hit[1], rules, now)
+        if hit is not None:
+            name, claims, kid = hit
+            entry = providers.get(name)
+            if entry is not None and kid in entry[1].keys:
+                return name, check_claims(claims, entry[0], now)
     iss = unverified_issuer(token)
     if iss is None:
         return None, _fail(Reason.TOKEN_MALFORMED, "token cannot be decoded")
@@ -214,6 +223,6 @@ def verify(token: str, providers: Mapping[str, tuple[ProviderRules, KeySet]], no
         assert sig.claims is not None
         result = check_claims(sig.claims, rules, now)
         if result.ok and cache is not None:
-            cache.put(token, name, sig.claims)
+            cache.put(token, name, sig.claims, sig.kid)
         return name, result
     return None, _fail(Reason.JWT_BAD_ISSUER, "no provider of this route accepts the token's issuer")

@@ -56,7 +56,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
         policy = self._runtime().policy_label(policy_of(context))
         ex = Exchange()
-        end = "complete"
+        end = "error"        # until the stream ends normally or by Envoy's reset
         try:
             async for msg in request_iterator:
                 start = time.perf_counter()

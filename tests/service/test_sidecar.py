@@ -269,7 +269,6 @@ def test_process_rejects_a_message_with_no_kind(sidecar: Sidecar):
     run(body)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: processor.py counts a stream it aborted as end=complete")
 def test_process_aborted_stream_is_not_counted_complete(sidecar: Sidecar):
     async def body():
         async with sidecar.run(sidecar.config()) as rt:

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BAD = ROOT / "tests" / "fixtures" / "bad_configs"
 BAD_FILES = sorted(BAD.glob("*.yaml"))
 
-# Known gaps in extproc/config.py (see the report): cross-reference checks run in a model
-# validator on the whole Config, so pydantic gives them no location and the message says
-# "(top level)" instead of `file:LINE:`; PyYAML keeps the last of two duplicate keys silently.
-LINE_GAPS = {"workers_with_memory_store.yaml", "policy_unknown_provider.yaml",
-             "default_policy_undefined.yaml"}
-NOT_DETECTED = {"duplicate_key.yaml"}
-
-
 def _header(path: Path) -> tuple[str, int | None]:
     expect, line = None, None
     for text in path.read_text().splitlines():
@@ -41,16 +33,8 @@ def _header(path: Path) -> tuple[str, int | None]:
     return expect, line
 
 
-def _params(gaps: set[str]) -> list:
-    out = []
-    for p in BAD_FILES:
-        marks = []
-        if p.name in NOT_DETECTED:
-            marks.append(pytest.mark.xfail(strict=True, reason="duplicate YAML keys are not detected"))
-        elif p.name in gaps:
-            marks.append(pytest.mark.xfail(strict=True, reason="cross-reference errors carry no line"))
-        out.append(pytest.param(p, id=p.stem, marks=marks))
-    return out
+def _params() -> list:
+    return [pytest.param(p, id=p.stem) for p in BAD_FILES]
 
 
 def test_every_error_class_has_a_fixture():
@@ -64,7 +48,7 @@ def test_every_error_class_has_a_fixture():
         assert p.read_text().startswith("# expect: "), p.name
 
 
-@pytest.mark.parametrize("path", _params(set()))
+@pytest.mark.parametrize("path", _params())
 def test_bad_config_is_rejected_with_its_message(path: Path):
     expect, _ = _header(path)
     with pytest.raises(cfgmod.ConfigError) as info:
@@ -74,7 +58,7 @@ def test_bad_config_is_rejected_with_its_message(path: Path):
     assert expect in msg, msg
 
 
-@pytest.mark.parametrize("path", [p for p in _params(LINE_GAPS) if _header(p.values[0])[1] is not None])
+@pytest.mark.parametrize("path", [p for p in _params() if _header(p.values[0])[1] is not None])
 def test_bad_config_names_the_line(path: Path):
     _, line = _header(path)
     with pytest.raises(cfgmod.ConfigError) as info:

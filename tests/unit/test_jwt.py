@@ -211,8 +211,6 @@ def test_es256_token_verifies_against_its_ec_key(ec_key):
     assert jwt.verify(token, provs(ks, rules(algs=("ES256",))), T)[1].ok
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: a JWK without 'alg' of another key type makes pyjwt raise TypeError")
 def test_jwks_mixing_key_types_without_alg_never_raises(key, ec_key):
     # Many IdPs publish keys without `alg`. A token naming the EC key's kid with RS256 (or one
     # without kid, tried against every key) must be a bad signature, not an exception.
@@ -278,13 +276,12 @@ def test_cached_token_still_expires_exactly(key, keyset):
     p = provs(keyset, rules(leeway=5))
     assert jwt.verify(token, p, T, cache)[1].ok
     assert len(cache) == 1
-    # the hit skips the signature (keys are gone) but not the time claims
-    cached_only = provs(jwt.NO_KEYS, rules(leeway=5))
+    # the hit skips the signature but not the time claims
+    cached_only = provs(keyset, rules(leeway=5))
     assert jwt.verify(token, cached_only, T + 65 - 0.001, cache)[1].ok
     assert jwt.verify(token, cached_only, T + 65, cache)[1].reason is Reason.JWT_EXPIRED
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a cached token outlives the removal of its signing key")
 def test_cached_token_is_not_accepted_after_its_key_is_removed(key, keyset, other_key):
     # a key taken out of the JWKS (rotation, compromise) must stop verifying its tokens at once
     cache = jwt.TokenCache()
@@ -313,14 +310,14 @@ def test_cache_hit_is_only_used_by_policies_trusting_that_provider(key, keyset):
 
 def test_cache_is_a_bounded_lru():
     cache = jwt.TokenCache(max_entries=2)
-    cache.put("a", "demo", {"n": 1})
-    cache.put("b", "demo", {"n": 2})
+    cache.put("a", "demo", {"n": 1}, "k1")
+    cache.put("b", "demo", {"n": 2}, "k1")
     assert cache.get("a") is not None       # "a" is now the most recent
-    cache.put("c", "demo", {"n": 3})
+    cache.put("c", "demo", {"n": 3}, "k1")
     assert len(cache) == 2
     assert cache.get("b") is None
-    assert cache.get("a") == ("demo", {"n": 1})
-    assert cache.get("c") == ("demo", {"n": 3})
+    assert cache.get("a") == ("demo", {"n": 1}, "k1")
+    assert cache.get("c") == ("demo", {"n": 3}, "k1")
     cache.clear()
     assert len(cache) == 0
 
