@@ -47,9 +47,9 @@ CONFIG_POLL_SECONDS = 1.0
 def compile_policies(cfg: cfgmod.Config) -> PolicySet:
     pols = {}
     for name, p in cfg.policies.items():
-        providers = tuple(p.auth.providers) if isinstance(p.auth, cfgmod.AuthJwt) else ()
+        providers = tuple(p.auth.providers_any) if isinstance(p.auth, cfgmod.PolicyAuth) else ()
         pols[name] = CompiledPolicy(name=name, shadow=p.mode == "shadow", providers=providers)
-    forward = {n: p.forward_claims_header.lower() for n, p in cfg.providers.items() if p.forward_claims_header}
+    forward = {n: p.claims_to_headers["sub"] for n, p in cfg.providers.items() if "sub" in p.claims_to_headers}
     return PolicySet(policies=pols, default=cfg.default_policy, unknown_allows=cfg.unknown_policy == "allow",
                      forward_headers=forward, strip_headers=tuple(sorted(set(forward.values()))))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -132,48 +133,227 @@ class StoreConfig(_Closed):
 
 
 ASYMMETRIC_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+HMAC_ALGS = ("HS256", "HS384", "HS512")
+Algorithm = Literal[ASYMMETRIC_ALGS + HMAC_ALGS]  # type: ignore[valid-type]
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class TokenSource(_Closed):
+    """Where a credential is read from: exactly one of header (with an optional scheme prefix),
+    cookie or query parameter. Sources are tried in the order listed; when several carry a
+    credential they must all carry the same one (no bypass by sending two)."""
+    header: str | None = None
+    prefix: str | None = None
+    cookie: str | None = None
+    query: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenSource:
+        if sum(x is not None for x in (self.header, self.cookie, self.query)) != 1:
+            raise ValueError("set exactly one of header, cookie or query")
+        if self.prefix is not None and self.header is None:
+            raise ValueError("prefix applies to a header source only")
+        if self.header is not None and self.header != self.header.lower():
+            raise ValueError("header names are lower-case (Envoy lower-cases them)")
+        return self
+
+
+def _bearer() -> list[TokenSource]:
+    return [TokenSource(header="authorization", prefix="Bearer ")]
+
+
+class Introspection(_Closed):
+    """OAuth 2.0 token introspection (RFC 7662) for opaque tokens."""
+    endpoint: str
+    client_id: str | None = None
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    timeout_ms: Annotated[int, Field(ge=10, le=5_000)] = 250
+    cache_ttl_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    negative_cache_seconds: Annotated[float, Field(ge=0, le=3_600)] = 5.0
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("endpoint must be an http(s) URL")
+        return v
 
 
 class Provider(_Closed):
-    issuer: str
+    issuer: str | None = None
     audiences: list[str] = Field(default_factory=list)
-    algorithms: Annotated[list[Literal[ASYMMETRIC_ALGS]], Field(min_length=1)] = ["RS256"]  # type: ignore[valid-type]
+    algorithms: Annotated[list[Algorithm], Field(min_length=1)] = ["RS256"]  # type: ignore[valid-type]
+    # keys: exactly one of these (introspection providers take opaque tokens instead)
     jwks_uri: str | None = None
+    discovery_uri: str | None = None          # OpenID discovery document naming jwks_uri
     jwks_file: Path | None = None
+    jwks: dict[str, Any] | None = None        # inline JWKS (public keys only)
+    pem_file: Path | None = None              # one public key in PEM
+    secret_file: Path | None = None           # HS256/384/512 shared secret
+    secret_env: str | None = None
+    introspection: Introspection | None = None
+    token_sources: Annotated[list[TokenSource], Field(min_length=1)] = Field(default_factory=_bearer)
     leeway_seconds: Annotated[float, Field(ge=0, le=600)] = 30.0
     required_claims: list[str] = Field(default_factory=lambda: ["exp"])
     fetch_timeout_ms: Annotated[int, Field(ge=10, le=30_000)] = 1000
     refresh_interval_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300.0
     retry_interval_seconds: Annotated[float, Field(gt=0, le=3_600)] = 5.0
-    forward_claims_header: str | None = None   # e.g. x-jwt-sub: the subject passed upstream
+    unknown_kid_refetch_seconds: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    claims_to_headers: dict[str, str] = Field(default_factory=dict)   # claim -> upstream request header
+    metadata_claims: list[str] = Field(default_factory=lambda: ["sub", "iss", "scope"])
+    revocation_fail: Literal["open", "closed"] = "open"   # store down, revocation unknown locally
 
     @model_validator(mode="after")
     def _keys(self) -> Provider:
-        if (self.jwks_uri is None) == (self.jwks_file is None):
-            raise ValueError("set exactly one of jwks_uri or jwks_file")
-        if self.jwks_uri is not None and not self.jwks_uri.startswith(("http://", "https://")):
-            raise ValueError("jwks_uri must be an http(s) URL")
+        sources = {"jwks_uri": self.jwks_uri, "discovery_uri": self.discovery_uri, "jwks_file": self.jwks_file,
+                   "jwks": self.jwks, "pem_file": self.pem_file, "introspection": self.introspection,
+                   "secret": self.secret_file or self.secret_env}
+        given = [k for k, v in sources.items() if v is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one key source: jwks_uri, discovery_uri, jwks_file, jwks, pem_file, "
+                             f"secret_file/secret_env, or introspection (got {', '.join(given) or 'none'})")
+        for name in ("jwks_uri", "discovery_uri"):
+            v = getattr(self, name)
+            if v is not None and not v.startswith(("http://", "https://")):
+                raise ValueError(f"{name} must be an http(s) URL")
+        hmac = [a for a in self.algorithms if a in HMAC_ALGS]
+        if given[0] == "secret":
+            if len(hmac) != len(self.algorithms):
+                raise ValueError("a shared secret verifies HS256/384/512 only: list only those algorithms")
+        elif hmac:
+            raise ValueError(f"{', '.join(hmac)} need a shared secret (secret_file or secret_env); with public "
+                             "keys they would allow algorithm confusion (RFC 8725 3.1)")
+        if self.introspection is None and self.issuer is None:
+            raise ValueError("issuer is required for JWT providers")
+        for claim, header in self.claims_to_headers.items():
+            if header != header.lower() or not header:
+                raise ValueError(f"claims_to_headers.{claim}: header names are lower-case")
         return self
 
 
-class AuthNone(_Closed):
-    pass
+class ApiKey(_Closed):
+    id: Annotated[str, Field(pattern=_NAME)]
+    digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    owner: str
+    scopes: list[str] = Field(default_factory=list)
+    tier: str = "default"
+    expires_at: datetime | None = None
 
 
-class AuthJwt(_Closed):
-    providers: Annotated[list[str], Field(min_length=1)]
+class ApiKeys(_Closed):
+    """API keys, stored only as SHA-256 digests (here, or in the store with `from_store`)."""
+    sources: Annotated[list[TokenSource], Field(min_length=1)] = Field(
+        default_factory=lambda: [TokenSource(header="x-api-key")])
+    keys: list[ApiKey] = Field(default_factory=list)
+    from_store: bool = False
+    owner_header: str | None = "x-api-key-owner"     # set upstream on success (client copies removed)
+    tier_header: str | None = "x-api-key-tier"
+
+    @model_validator(mode="after")
+    def _unique(self) -> ApiKeys:
+        seen: set[str] = set()
+        for k in self.keys:
+            if k.id in seen:
+                raise ValueError(f"api key id {k.id!r} appears twice")
+            seen.add(k.id)
+        return self
+
+
+class RoleRequirement(_Closed):
+    claim: str = "roles"
+    any_of: Annotated[list[str], Field(min_length=1)]
+
+
+class PolicyAuth(_Closed):
+    """Who may pass: a credential from any_of (or every one of all_of) the providers, or an API
+    key when api_keys is true; then the scopes, roles and claim values required."""
+    any_of: list[str] = Field(default_factory=list)
+    all_of: list[str] = Field(default_factory=list)
+    providers: list[str] = Field(default_factory=list)   # same as any_of
+    api_keys: bool = False
+    scopes: list[str] = Field(default_factory=list)       # all required ("scope" string or "scp" list)
+    roles: RoleRequirement | None = None
+    claims: dict[str, list[str | int | bool]] = Field(default_factory=dict)   # claim must be one of
+    keep_authorization: bool = False                      # default: Authorization stripped before upstream
+
+    @model_validator(mode="after")
+    def _some(self) -> PolicyAuth:
+        if self.providers and self.any_of:
+            raise ValueError("use any_of or providers, not both")
+        if not (self.providers or self.any_of or self.all_of or self.api_keys):
+            raise ValueError("name providers (any_of / all_of) or set api_keys: true")
+        if self.all_of and (self.any_of or self.providers):
+            raise ValueError("use any_of or all_of, not both")
+        return self
+
+    @property
+    def providers_any(self) -> list[str]:
+        return self.any_of or self.providers
+
+
+class Conditions(_Closed):
+    """All listed conditions must hold (an empty Conditions always holds)."""
+    methods: list[str] = Field(default_factory=list)
+    path_prefix: list[str] = Field(default_factory=list)
+    path_regex: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)     # exact value; "*" means present
+    client_ip: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    claims: dict[str, list[str | int | bool]] = Field(default_factory=dict)
+    scopes: list[str] = Field(default_factory=list)
+    subjects: list[str] = Field(default_factory=list)
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        return [m.upper() for m in v]
+
+
+class Rule(_Closed):
+    name: Annotated[str, Field(pattern=_NAME)]
+    effect: Literal["allow", "deny"]
+    when: Conditions = Field(default_factory=Conditions)
+
+
+class IpRules(_Closed):
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    deny: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
 
 
 class Policy(_Closed):
     mode: Literal["enforce", "shadow"] = "enforce"
-    auth: Literal["none"] | AuthJwt = "none"
+    auth: Literal["none"] | PolicyAuth = "none"
+    ip: IpRules | None = None
+    rules: list[Rule] = Field(default_factory=list)       # deny rules win; with allow rules, one must match
+    revoke_presented_token: bool = False                  # logout route: revoke the token, then allow
 
     @field_validator("auth", mode="before")
     @classmethod
     def _auth_shape(cls, v: Any) -> Any:
-        if v == "none" or isinstance(v, dict | AuthJwt):
+        if v == "none" or isinstance(v, dict | PolicyAuth):
             return v
-        raise ValueError("expected 'none' or a mapping such as {providers: [demo]}")
+        raise ValueError("expected 'none' or a mapping such as {any_of: [demo]}")
+
+    @model_validator(mode="after")
+    def _unique_rules(self) -> Policy:
+        names = [r.name for r in self.rules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"rule names must be unique: {', '.join(sorted(dup))}")
+        return self
 
 
 class Config(_Closed):
@@ -181,6 +361,7 @@ class Config(_Closed):
     admin: Admin = Field(default_factory=Admin)
     store: StoreConfig = Field(default_factory=StoreConfig)
     providers: dict[str, Provider] = Field(default_factory=dict)
+    api_keys: ApiKeys | None = None
     policies: dict[str, Policy] = Field(default_factory=dict)
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
@@ -190,11 +371,15 @@ class Config(_Closed):
         message can still name its line."""
         out: list[tuple[tuple[str, ...], str]] = []
         for name, pol in self.policies.items():
-            if isinstance(pol.auth, AuthJwt):
-                for i, p in enumerate(pol.auth.providers):
-                    if p not in self.providers:
-                        out.append((("policies", name, "auth", "providers", str(i)),
-                                    f"unknown provider {p!r} (defined: {sorted(self.providers) or 'none'})"))
+            if isinstance(pol.auth, PolicyAuth):
+                for field in ("any_of", "all_of", "providers"):
+                    for i, p in enumerate(getattr(pol.auth, field)):
+                        if p not in self.providers:
+                            out.append((("policies", name, "auth", field, str(i)),
+                                        f"unknown provider {p!r} (defined: {sorted(self.providers) or 'none'})"))
+                if pol.auth.api_keys and self.api_keys is None:
+                    out.append((("policies", name, "auth", "api_keys"),
+                                "api_keys: true needs a top-level api_keys section"))
         if self.default_policy is not None and self.default_policy not in self.policies:
             out.append((("default_policy",), f"{self.default_policy!r} is not a defined policy "
                                              f"(defined: {sorted(self.policies) or 'none'})"))
@@ -349,7 +534,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
-    providers = {n: pr.model_copy(update={"jwks_file": fix(pr.jwks_file)}) for n, pr in cfg.providers.items()}
+    def fix_provider(pr: Provider) -> Provider:
+        update: dict[str, Any] = {"jwks_file": fix(pr.jwks_file), "pem_file": fix(pr.pem_file),
+                                  "secret_file": fix(pr.secret_file)}
+        if pr.introspection is not None:
+            update["introspection"] = pr.introspection.model_copy(
+                update={"client_secret_file": fix(pr.introspection.client_secret_file)})
+        return pr.model_copy(update=update)
+
+    providers = {n: fix_provider(pr) for n, pr in cfg.providers.items()}
     server = cfg.server
     if server.tls is not None:
         server = server.model_copy(update={"tls": server.tls.model_copy(update={
@@ -375,7 +568,8 @@ def read_secret(file: Path | None, env: str | None, what: str) -> str | None:
     return None
 
 
-_SECRET_KEYS = {"password_file", "password_env", "token_file", "token_env", "key_file"}
+_SECRET_KEYS = {"password_file", "password_env", "token_file", "token_env", "key_file", "secret_file",
+                "secret_env", "client_secret_file", "client_secret_env"}
 
 
 def redacted(cfg: Config) -> dict[str, Any]:

@@ -46,11 +46,11 @@ def test_invalid_tokens_are_rejected_with_reason(stack):
 def test_upstream_sees_verified_subject_and_never_a_forged_one(stack, token):
     r = get(f"{stack.external}/api/echo-not-routed", token)   # default policy: protected
     assert r.status == 404                                      # reached the upstream, which 404s
-    r = get(f"{stack.external}/echo/headers", headers={"x-jwt-sub": "mallory"})
+    r = get(f"{stack.external}/echo/headers", headers={"x-user-id": "mallory"})
     seen = r.json()["headers"]
-    assert r.status == 200 and "x-jwt-sub" not in seen
-    r = get(f"{stack.external}/api/echo", token, headers={"x-jwt-sub": "mallory"})
-    assert r.status == 200 and r.json()["headers"]["x-jwt-sub"] == "alice"
+    assert r.status == 200 and "x-user-id" not in seen
+    r = get(f"{stack.external}/api/echo", token, headers={"x-user-id": "mallory"})
+    assert r.status == 200 and r.json()["headers"]["x-user-id"] == "alice"
 
 
 def test_internal_listener_needs_no_token(stack):

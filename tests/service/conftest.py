@@ -205,7 +205,7 @@ class Sidecar:
             "store": {"memory": {"max_keys": 1000}},
             "providers": {"demo": {"issuer": idp.DEMO_ISSUER, "audiences": [idp.DEMO_AUDIENCE],
                                    "algorithms": ["RS256"], "jwks_file": str(self.jwks_file),
-                                   "leeway_seconds": 5, "forward_claims_header": "x-jwt-sub"}},
+                                   "leeway_seconds": 5, "claims_to_headers": {"sub": "x-jwt-sub"}}},
             "policies": {"public": {"auth": "none"},
                          "api": {"mode": "enforce", "auth": {"providers": ["demo"]}},
                          "api-shadow": {"mode": "shadow", "auth": {"providers": ["demo"]}}},

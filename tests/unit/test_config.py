@@ -100,7 +100,7 @@ def test_shipped_config_loads():
     assert cfg.default_policy == "api"
     assert cfg.unknown_policy == "deny"
     assert cfg.policies["api-shadow"].mode == "shadow"
-    assert cfg.providers["demo"].forward_claims_header == "x-jwt-sub"
+    assert cfg.providers["demo"].claims_to_headers == {"sub": "x-user-id"}
     assert cfg.store.kind == "memory"
 
 

@@ -357,7 +357,7 @@ providers:
     issuer: {ISS}
     audiences: [{AUD}]
     jwks_file: /nonexistent/jwks.json
-    forward_claims_header: X-JWT-Sub
+    claims_to_headers: {{sub: x-jwt-sub}}
 policies:
   public: {{auth: none}}
   api: {{auth: {{providers: [demo]}}}}
