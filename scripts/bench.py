@@ -1,0 +1,860 @@
+#!/usr/bin/env python3
+"""Load through Envoy, in one run: plain, Envoy's native filters, the Python floor, and extproc.
+
+One Envoy (`--concurrency 1`) gets one listener per variant, all routing to one demo upstream:
+
+  plain            (a) Envoy straight to the upstream
+  native           (b) Envoy's jwt_authn (RS256, inline JWKS) + local_ratelimit (bucket never empty)
+  floor_authz      (c) ext_authz to bench_floor.py (Check always OK)
+  floor_ext_proc       ext_proc to bench_floor.py (CONTINUE on request and response headers)
+  floor_both           ext_authz then ext_proc, both to bench_floor.py
+  extproc_authz    (d) ext_authz to extproc, policy `api` (JWT RS256, keys from a jwks_file)
+  extproc_ext_proc (e) ext_proc to extproc (request + response headers SEND, as envoy/envoy.yaml)
+  extproc_both     (f) ext_authz then ext_proc to extproc, as envoy/envoy.yaml
+
+Every request of every variant carries the same `Authorization: Bearer` token, so the header
+bytes are the same everywhere. wrk drives each variant at c=1 and c=32 for `--duration` seconds;
+the sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat around each load. The
+filter and cluster settings follow envoy/envoy.yaml (status_on_error 503, timeouts, retry policy,
+HTTP/2 sidecar clusters); active health checks and outlier detection are left out, as they do
+nothing on a healthy single endpoint. The bootstrap is generated into a temp dir (`--keep` keeps
+it). Every process started here is stopped by its PID on exit, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = ROOT / ".venv" / "bin"
+TARGET_PATH = "/api/products/1"
+ISSUER = "extproc-bench"
+AUDIENCE = "extproc-bench-api"
+CONCURRENCY = ((1, 1), (32, 2))          # (connections, wrk threads)
+ERROR_FLAG_RATIO = 0.01
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+STARTUP_ESTIMATE_S = 8
+
+
+class BenchError(Exception):
+    """The bench cannot give honest numbers; the message says why."""
+
+
+# -- variants ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    letter: str
+    title: str
+    filters: tuple[str, ...]      # "native", "authz", "ext_proc" in chain order
+    sidecar: str | None           # which gRPC process serves the filters: "extproc", "floor", None
+    floor: str | None = None      # the floor variant of the same shape
+    denies_without_token: bool = False
+
+
+VARIANTS = (
+    Variant("plain", "a", "Envoy -> upstream", (), None),
+    Variant("native", "b", "Envoy jwt_authn + local_ratelimit", ("native",), None, denies_without_token=True),
+    Variant("floor_authz", "c", "floor ext_authz (always OK)", ("authz",), "floor"),
+    Variant("floor_ext_proc", "", "floor ext_proc (CONTINUE)", ("ext_proc",), "floor"),
+    Variant("floor_both", "", "floor ext_authz + ext_proc", ("authz", "ext_proc"), "floor"),
+    Variant("extproc_authz", "d", "extproc ext_authz (policy api)", ("authz",), "extproc", "floor_authz",
+            denies_without_token=True),
+    Variant("extproc_ext_proc", "e", "extproc ext_proc", ("ext_proc",), "extproc", "floor_ext_proc"),
+    Variant("extproc_both", "f", "extproc ext_authz + ext_proc", ("authz", "ext_proc"), "extproc", "floor_both",
+            denies_without_token=True),
+)
+BY_NAME = {v.name: v for v in VARIANTS} | {v.letter: v for v in VARIANTS if v.letter}
+
+
+def parse_variants(text: str) -> list[Variant]:
+    chosen: list[Variant] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        v = BY_NAME.get(part)
+        if v is None:
+            names = ", ".join(f"{x.name}" + (f" ({x.letter})" if x.letter else "") for x in VARIANTS)
+            raise argparse.ArgumentTypeError(f"unknown variant {part!r}; choose from {names}")
+        if v not in chosen:
+            chosen.append(v)
+    if not chosen:
+        raise argparse.ArgumentTypeError("no variant chosen")
+    return [v for v in VARIANTS if v in chosen]     # canonical order
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    # a SIGKILLed bench must not leave Envoy or Python servers behind (prctl PR_SET_PDEATHSIG)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
+class Proc:
+    """One child process with its output in a log file, stopped by its PID."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                      start_new_session=True, preexec_fn=_die_with_parent)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise BenchError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        if not self._log.closed:
+            self._log.close()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK     # fields 14 and 15 of proc(5)
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB."""
+    rss = hwm = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- generated configs ---------------------------------------------------------------------------
+
+@dataclass
+class Ports:
+    envoy_admin: int
+    upstream: int
+    sidecar: int
+    sidecar_admin: int
+    floor: int
+    listeners: dict[str, int] = field(default_factory=dict)
+
+
+def _grpc_cluster(name: str, port: int) -> dict:
+    return {
+        "name": name, "type": "STATIC", "connect_timeout": "0.25s", "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {
+                "connection_keepalive": {"interval": "10s", "timeout": "5s"}}}}},
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": 64,
+                                             "max_pending_requests": 1024, "max_requests": 1024,
+                                             "max_retries": 64}]},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
+
+
+_SIDECAR_RETRY = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2,
+                  "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+                  "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                      "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3"
+                               ".PreviousHostsPredicate"}}],
+                  "host_selection_retry_max_attempts": 3}
+
+
+def _http_filters(v: Variant, jwks: dict) -> list[dict]:
+    cluster = "floor" if v.sidecar == "floor" else "extproc"
+    grpc_service = {"envoy_grpc": {"cluster_name": cluster}, "timeout": "0.5s", "retry_policy": _SIDECAR_RETRY}
+    out: list[dict] = []
+    for f in v.filters:
+        if f == "native":
+            out.append({"name": "envoy.filters.http.jwt_authn", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {"bench": {
+                    "issuer": ISSUER, "audiences": [AUDIENCE],
+                    "local_jwks": {"inline_string": json.dumps(jwks)},
+                    "clock_skew_seconds": 30,
+                    # the same work as extproc's claims_to_headers
+                    "claim_to_headers": [{"header_name": "x-jwt-sub", "claim_name": "sub"}]}},
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}]}})
+            out.append({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "stat_prefix": "bench_local_rl",
+                # a bucket that never empties during the run: the check is paid, nothing is rejected
+                "token_bucket": {"max_tokens": 100_000_000, "tokens_per_fill": 100_000_000,
+                                 "fill_interval": "1s"},
+                "filter_enabled": {"runtime_key": "bench_rl_enabled",
+                                   "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "filter_enforced": {"runtime_key": "bench_rl_enforced",
+                                    "default_value": {"numerator": 100, "denominator": "HUNDRED"}}}})
+        elif f == "authz":
+            out.append({"name": "envoy.filters.http.ext_authz", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3", "failure_mode_allow": False,
+                "status_on_error": {"code": "ServiceUnavailable"}, "metadata_context_namespaces": [],
+                "grpc_service": grpc_service}})
+        elif f == "ext_proc":
+            out.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "failure_mode_allow": False, "status_on_error": {"code": "ServiceUnavailable"},
+                "message_timeout": "0.5s",
+                "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                                    "request_body_mode": "NONE", "response_body_mode": "NONE",
+                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+                "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.ext_authz"]}},
+                "grpc_service": grpc_service}})
+    out.append({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+    return out
+
+
+def _route(v: Variant) -> dict:
+    route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+    per_filter = {}
+    # the policy is named per route, as envoy/envoy.yaml does for /api/
+    if "authz" in v.filters:
+        per_filter["envoy.filters.http.ext_authz"] = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"context_extensions": {"policy": "api"}}}
+    if "ext_proc" in v.filters:
+        per_filter["envoy.filters.http.ext_proc"] = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"grpc_initial_metadata": [{"key": "x-extproc-policy", "value": "api"}]}}
+    if per_filter:
+        route["typed_per_filter_config"] = per_filter
+    return route
+
+
+def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict) -> dict:
+    listeners = []
+    for v in variants:
+        listeners.append({
+            "name": v.name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.listeners[v.name]}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                # the external listener's settings of envoy/envoy.yaml, the same for every variant
+                "stat_prefix": v.name, "codec_type": "AUTO", "use_remote_address": True,
+                "generate_request_id": True, "preserve_external_request_id": False,
+                "always_set_request_id_in_response": True, "max_request_headers_kb": 60,
+                "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+                "route_config": {"name": v.name, "virtual_hosts": [
+                    {"name": v.name, "domains": ["*"], "routes": [_route(v)]}]},
+                "http_filters": _http_filters(v, jwks)}}]}],
+        })
+    clusters = [{
+        "name": "upstream", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.upstream}}}}]}]},
+    }]
+    if any(v.sidecar == "extproc" for v in variants):
+        clusters.append(_grpc_cluster("extproc", ports.sidecar))
+    if any(v.sidecar == "floor" for v in variants):
+        clusters.append(_grpc_cluster("floor", ports.floor))
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.envoy_admin}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def sidecar_config(ports: Ports, jwks_path: Path) -> dict:
+    return {
+        "server": {"listen": f"127.0.0.1:{ports.sidecar}", "workers": 1, "max_in_flight": 512,
+                   "shutdown_grace_seconds": 1, "drain_delay_seconds": 0},
+        "admin": {"listen": f"127.0.0.1:{ports.sidecar_admin}", "token_env": None},
+        "store": {"memory": {"max_keys": 100000}},
+        "providers": {"bench": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"],
+                                "jwks_file": str(jwks_path), "leeway_seconds": 30,
+                                "claims_to_headers": {"sub": "x-jwt-sub"}}},
+        "policies": {"api": {"mode": "enforce", "auth": {"providers": ["bench"]}},
+                     "public": {"auth": "none"}},
+        "default_policy": "api",
+        "unknown_policy": "deny",
+    }
+
+
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,"connect":%.0f,"read":%.0f,' ..
+    '"write":%.0f,"status":%.0f,"timeout":%.0f,"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,' ..
+    '"mean_us":%.1f,"max_us":%.0f}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+end
+"""
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    tmp: Path
+    ports: Ports
+    token: str
+    envoy: Proc
+    upstream: Proc
+    sidecar: Proc | None
+    floor: Proc | None
+    lua: Path
+    envoy_version: str
+
+    def server_of(self, v: Variant) -> Proc | None:
+        return {"extproc": self.sidecar, "floor": self.floor}.get(v.sidecar or "")
+
+    def url(self, v: Variant) -> str:
+        return f"http://127.0.0.1:{self.ports.listeners[v.name]}{TARGET_PATH}"
+
+
+def envoy_stats(port: int, regex: str | None = None) -> dict[str, int]:
+    query = "format=json" + (f"&filter={urllib.parse.quote(regex)}" if regex else "")
+    status, body = http_get(f"http://127.0.0.1:{port}/stats?{query}")
+    if status != 200:
+        raise BenchError(f"Envoy admin /stats answered {status}")
+    return {s["name"]: s["value"] for s in json.loads(body)["stats"] if "value" in s}
+
+
+# Envoy counters that explain errors: which filter failed, and how (the listener's own and the
+# sidecar cluster's). Recorded per load; printed with a run that had errors.
+_EVENT_WORDS = ("4xx", "5xx", "error", "denied", "timeout", "failed", "failure", "rate_limited", "overflow",
+                "retry", "connect_fail", "ejections_enforced")
+
+
+def event_stats(stack: Stack, v: Variant) -> dict[str, int]:
+    regex = rf"^(http\.{v.name}\.|bench_local_rl\.)" if "native" in v.filters else rf"^http\.{v.name}\."
+    if v.sidecar:
+        regex = rf"({regex}|^cluster\.{v.sidecar}\.)"
+    stats = envoy_stats(stack.ports.envoy_admin, regex)
+    return {k: n for k, n in stats.items() if any(w in k for w in _EVENT_WORDS) and "_ms" not in k}
+
+
+def start_stack(variants: list[Variant], tmp: Path, token_ttl: int) -> tuple[Stack, list[Proc]]:
+    """Start upstream, sidecar, floor and Envoy; returns the stack and every Proc started."""
+    from extproc import config as cfgmod
+    from extproc.demo import idp
+
+    started: list[Proc] = []
+    need_sidecar = any(v.sidecar == "extproc" for v in variants)
+    need_floor = any(v.sidecar == "floor" for v in variants)
+    p = free_ports(5 + len(variants))
+    ports = Ports(envoy_admin=p[0], upstream=p[1], sidecar=p[2], sidecar_admin=p[3], floor=p[4],
+                  listeners={v.name: p[5 + i] for i, v in enumerate(variants)})
+    key = idp.generate()
+    jwks = key.jwks()
+    token = key.mint("bench-user", ttl_seconds=token_ttl, issuer=ISSUER, audience=AUDIENCE)
+    jwks_path = tmp / "jwks.json"
+    jwks_path.write_text(json.dumps(jwks))
+    lua = tmp / "report.lua"
+    lua.write_text(WRK_LUA)
+
+    envoy_bin = VENV_BIN / "envoy"
+    version = subprocess.run([str(envoy_bin), "--version"], capture_output=True, text=True, check=True).stdout
+    # "<sha>/1.40.0/Clean/RELEASE/BoringSSL" -> "1.40.0 (<sha7>, RELEASE, BoringSSL)"
+    parts = version.strip().split("version:")[-1].strip().split("/")
+    version = f"{parts[1]} ({parts[0][:7]}, {', '.join(parts[3:])})" if len(parts) >= 4 else "/".join(parts)
+
+    try:
+        upstream = Proc("upstream", [str(VENV_BIN / "python"), "-m", "extproc.demo.upstream", "--port",
+                                     str(ports.upstream), "--replica-id", "bench", "--state-dir", str(tmp / "idp")],
+                        tmp)
+        started.append(upstream)
+        sidecar = floor = None
+        if need_sidecar:
+            cfg_path = tmp / "extproc.yaml"
+            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_path), sort_keys=False))
+            try:
+                cfgmod.load(cfg_path)
+            except cfgmod.ConfigError as exc:
+                raise BenchError("the generated sidecar config no longer matches extproc/config.py; "
+                                 f"update sidecar_config() in scripts/bench.py:\n{exc}") from None
+            sidecar = Proc("extproc", [str(VENV_BIN / "extproc"), "serve", "--config", str(cfg_path),
+                                       "--log-level", "warning"], tmp)
+            started.append(sidecar)
+        if need_floor:
+            floor = Proc("floor", [str(VENV_BIN / "python"), str(ROOT / "scripts" / "bench_floor.py"),
+                                   "--port", str(ports.floor)], tmp)
+            started.append(floor)
+        boot = tmp / "envoy.yaml"
+        boot.write_text(yaml.safe_dump(envoy_bootstrap(variants, ports, jwks), sort_keys=False))
+        envoy = Proc("envoy", [str(envoy_bin), "-c", str(boot), "--concurrency", "1", "-l", "warn",
+                               "--disable-hot-restart"], tmp)
+        started.append(envoy)
+
+        upstream.wait_ready(lambda: http_get(f"http://127.0.0.1:{ports.upstream}/public/health")[0] == 200)
+        if sidecar is not None:
+            sidecar.wait_ready(lambda: port_open(ports.sidecar) and http_get(
+                f"http://127.0.0.1:{ports.sidecar_admin}/readyz")[0] == 200)
+        if floor is not None:
+            floor.wait_ready(lambda: port_open(ports.floor))
+        envoy.wait_ready(lambda: http_get(f"http://127.0.0.1:{ports.envoy_admin}/ready")[0] == 200)
+    except BaseException:
+        for proc in reversed(started):
+            proc.stop()
+        raise
+    stack = Stack(tmp, ports, token, envoy, upstream, sidecar, floor, lua, version)
+    return stack, started
+
+
+def verify(stack: Stack, variants: list[Variant]) -> None:
+    """Each variant answers 200 with the token and goes through the filters it claims."""
+    auth = {"Authorization": f"Bearer {stack.token}"}
+    before = envoy_stats(stack.ports.envoy_admin)
+    problems = []
+    for v in variants:
+        status, body = http_get(stack.url(v), auth)
+        if status != 200:
+            problems.append(f"{v.name}: GET {TARGET_PATH} with the token answered {status}: {body[:200]!r}")
+        if v.denies_without_token:
+            status, body = http_get(stack.url(v))
+            if status != 401:
+                problems.append(f"{v.name}: GET {TARGET_PATH} without a token answered {status}, expected 401")
+    after = envoy_stats(stack.ports.envoy_admin)
+
+    def grew(name: str) -> bool:
+        return after.get(name, 0) > before.get(name, 0)
+
+    for v in variants:
+        expect = []
+        if "native" in v.filters:
+            expect += [f"http.{v.name}.jwt_authn.allowed", "bench_local_rl.http_local_rate_limit.ok"]
+        if "authz" in v.filters:
+            expect.append(f"http.{v.name}.ext_authz.ok")
+        if "ext_proc" in v.filters:
+            expect.append(f"http.{v.name}.ext_proc.streams_started")
+        for stat in expect:
+            if not grew(stat):
+                problems.append(f"{v.name}: Envoy stat {stat} did not move: the filter was not exercised")
+    if problems:
+        raise BenchError("variant check failed:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str],
+            log: Path) -> WrkResult:
+    argv = [*pin, "wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s",
+            "-s", str(stack.lua), "-H", f"Authorization: Bearer {stack.token}", stack.url(v)]
+    with open(log, "ab") as out:
+        out.write(f"\n== {v.name} c={conns} {seconds}s\n".encode())
+        out.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        try:
+            stdout, _ = proc.communicate(timeout=seconds + 30)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        out.write(stdout)
+    if proc.returncode != 0:
+        raise BenchError(f"wrk failed on {v.name} (exit {proc.returncode}); see {log}")
+    for line in stdout.decode(errors="replace").splitlines():
+        if line.startswith("BENCHJSON "):
+            d = json.loads(line[len("BENCHJSON "):])
+            return WrkResult(requests=int(d["requests"]), seconds=d["duration_us"] / 1e6,
+                             p50_ms=d["p50_us"] / 1000, p90_ms=d["p90_us"] / 1000, p99_ms=d["p99_us"] / 1000,
+                             errors={k: int(d[k]) for k in ("connect", "read", "write", "status", "timeout")})
+    raise BenchError(f"wrk printed no report for {v.name}; see {log}")
+
+
+def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str]) -> dict:
+    server = stack.server_of(v)
+    watched = {"sidecar": server, "envoy": stack.envoy, "upstream": stack.upstream}
+    for name, proc in watched.items():
+        if proc is not None and not proc.alive():
+            raise BenchError(f"{name} ({proc.name}) died:\n{proc.log_tail()}")
+    ev0 = event_stats(stack, v)
+    cpu0 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
+    res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk.log")
+    cpu1 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
+    ev1 = event_stats(stack, v)
+    events = {k: n - ev0.get(k, 0) for k, n in sorted(ev1.items()) if n - ev0.get(k, 0)}
+    per_req = {name: ((cpu1[name] - cpu0[name]) * 1e6 / res.requests if res.requests else None) for name in cpu0}
+    row: dict[str, Any] = {
+        "variant": v.name, "concurrency": conns, "threads": threads,
+        "requests": res.requests, "seconds": round(res.seconds, 3), "rps": round(res.rps, 1),
+        "p50_ms": round(res.p50_ms, 3), "p90_ms": round(res.p90_ms, 3), "p99_ms": round(res.p99_ms, 3),
+        "errors": res.errors, "error_count": res.error_count,
+        "error_ratio": round(res.error_count / res.requests, 5) if res.requests else 1.0,
+        "cpu_us_per_request": _r(per_req.get("sidecar")),
+        "envoy_cpu_us_per_request": _r(per_req.get("envoy")),
+        "upstream_cpu_us_per_request": _r(per_req.get("upstream")),
+        "sidecar_process": server.name if server else None,
+        "rss_mb": None, "hwm_mb": None,
+        "envoy_events": events,
+    }
+    if server is not None:
+        rss, hwm = memory_mb(server.pid)
+        row["rss_mb"], row["hwm_mb"] = round(rss, 1), round(hwm, 1)
+    return row
+
+
+def _r(x: float | None, nd: int = 1) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def warm(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str]) -> None:
+    if seconds > 0:
+        run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk-warmup.log")
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
+    """Median over rounds per (variant, concurrency), with the ratios against plain, native, floor."""
+    out = []
+    med: dict[tuple[str, int], dict] = {}
+    for v in variants:
+        for conns, _ in CONCURRENCY:
+            mine = [r for r in rows if r["variant"] == v.name and r["concurrency"] == conns]
+            if not mine:
+                continue
+
+            def m(key: str, mine: list[dict] = mine) -> float | None:
+                vals = [r[key] for r in mine if r[key] is not None]
+                return round(statistics.median(vals), 3) if vals else None
+
+            s = {"variant": v.name, "letter": v.letter or None, "title": v.title, "concurrency": conns,
+                 "rounds": len(mine), "rps": m("rps"), "rps_runs": [r["rps"] for r in mine],
+                 "p50_ms": m("p50_ms"), "p99_ms": m("p99_ms"),
+                 "cpu_us_per_request": m("cpu_us_per_request"), "rss_mb": m("rss_mb"), "hwm_mb": m("hwm_mb"),
+                 "envoy_cpu_us_per_request": m("envoy_cpu_us_per_request"),
+                 "upstream_cpu_us_per_request": m("upstream_cpu_us_per_request"),
+                 "requests": sum(r["requests"] for r in mine),
+                 "errors": {k: sum(r["errors"][k] for r in mine) for k in mine[0]["errors"]},
+                 "error_count": sum(r["error_count"] for r in mine)}
+            s["error_ratio"] = round(s["error_count"] / s["requests"], 5) if s["requests"] else 1.0
+            s["flagged"] = s["error_ratio"] > ERROR_FLAG_RATIO
+            med[(v.name, conns)] = s
+            out.append(s)
+
+    def pct(s: dict, other: str | None) -> float | None:
+        ref = med.get((other, s["concurrency"])) if other else None
+        if ref is None or not ref["rps"] or s["rps"] is None:
+            return None
+        return round(100.0 * s["rps"] / ref["rps"], 1)
+
+    for s in out:
+        v = BY_NAME[s["variant"]]
+        s["pct_of_plain"] = pct(s, "plain")
+        s["pct_of_native"] = pct(s, "native")
+        s["floor_variant"] = v.floor
+        s["pct_of_floor"] = pct(s, v.floor)
+    return out
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def table(summary: list[dict]) -> str:
+    head = ("variant", "c", "RPS", "p50 ms", "p99 ms", "side µs/req", "side RSS MB", "envoy µs/req",
+            "%plain", "%native", "%floor", "errors")
+    lines = []
+    for s in summary:
+        name = s["variant"] + (f" ({s['letter']})" if s["letter"] else "")
+        err = "0" if not s["error_count"] else f"{s['error_count']} ({100 * s['error_ratio']:.2f}%)"
+        if s["flagged"]:
+            err += " !!"
+        lines.append((name, str(s["concurrency"]), _fmt(s["rps"], ",.0f"), _fmt(s["p50_ms"], ".2f"),
+                      _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_request"], ",.0f"), _fmt(s["rss_mb"], ".1f"),
+                      _fmt(s["envoy_cpu_us_per_request"], ",.0f"), _fmt(s["pct_of_plain"], ".1f", "%"),
+                      _fmt(s["pct_of_native"], ".1f", "%"), _fmt(s["pct_of_floor"], ".1f", "%"), err))
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+    out = [fmt(head), fmt(tuple("-" * w for w in widths))]
+    last_c = None
+    for s, row in zip(summary, lines, strict=True):
+        if last_c is not None and s["concurrency"] != last_c:
+            out.append("")
+        last_c = s["concurrency"]
+        out.append(fmt(row))
+    return "\n".join(out)
+
+
+def by_concurrency(summary: list[dict]) -> list[dict]:
+    return sorted(summary, key=lambda s: s["concurrency"])   # stable: variant order kept within c
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def pinning(choice: str) -> tuple[list[str], str]:
+    if choice == "none":
+        return [], "nothing pinned (--pin none)"
+    taskset = shutil.which("taskset")
+    cpus = sorted(os.sched_getaffinity(0))
+    if taskset is None:
+        return [], "nothing pinned (taskset not found)"
+    if len(cpus) < 2:
+        return [], f"nothing pinned (only CPU {cpus[0]} available)"
+    cpu = cpus[-1] if choice == "auto" else int(choice)
+    if cpu not in cpus:
+        raise BenchError(f"--pin {choice}: CPU {cpu} is not available (allowed: {cpus})")
+    rest = ",".join(map(str, cpus))
+    return [taskset, "-c", str(cpu)], (f"wrk pinned to CPU {cpu} with taskset; Envoy, sidecar, floor and "
+                                       f"upstream unpinned (CPUs {rest}, shared with wrk)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    names = ", ".join(v.name + (f" ({v.letter})" if v.letter else "") for v in VARIANTS)
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"variants: {names}")
+    p.add_argument("--duration", type=int, default=None, help="seconds of measured load per variant and "
+                   "concurrency (default 5; 1 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="seconds of unmeasured load before each "
+                   "measurement (default 1; 0 with --quick)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole set, order rotated (default 1)")
+    p.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
+                   help="comma-separated names or letters, e.g. a,d or plain,extproc_authz (default: all)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 s loads, no warm-up")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    p.add_argument("--pin", default="auto", help="CPU for wrk (taskset): auto (the last CPU), a number, or none")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs and logs) and print it")
+    args = p.parse_args(argv)
+    if args.duration is None:
+        args.duration = 1 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if not 1 <= args.duration <= 600:
+        p.error("--duration must be between 1 and 600 seconds")
+    if not 0 <= args.warmup <= 60:
+        p.error("--warmup must be between 0 and 60 seconds")
+    if not 1 <= args.rounds <= 20:
+        p.error("--rounds must be between 1 and 20")
+    return args
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found on PATH; run ./scripts/setup --system (installs it)", file=sys.stderr)
+        return 2
+    if not (VENV_BIN / "envoy").exists():
+        print(f"bench: {VENV_BIN / 'envoy'} missing; run ./scripts/setup", file=sys.stderr)
+        return 2
+    variants: list[Variant] = args.variants
+    per_load = args.warmup + args.duration
+    loads = args.rounds * len(CONCURRENCY) * len(variants)
+    expected = loads * (per_load + 0.5) + STARTUP_ESTIMATE_S
+    try:
+        pin, pin_text = pinning(args.pin)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    started: list[Proc] = []
+    failed = False     # a failed run keeps its configs and logs for diagnosis
+    load_before = os.getloadavg()      # before our own processes start
+    try:
+        stack, started = start_stack(variants, tmp, token_ttl=int(expected * 3) + 3600)
+        meta = {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "envoy_version": stack.envoy_version, "envoy_concurrency": 1,
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "loadavg_before": load_before, "pinning": pin_text,
+            "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+            "concurrency": [{"connections": c, "threads": t} for c, t in CONCURRENCY],
+            "target": f"GET {TARGET_PATH} (demo upstream) with Authorization: Bearer <RS256 token>",
+            "python": platform.python_version(), "clk_tck": CLK_TCK,
+        }
+        print(f"extproc bench  {meta['date']}")
+        print(f"Envoy {stack.envoy_version}, --concurrency 1, one listener per variant")
+        print(f"CPU: {meta['cpu_model']} x {meta['cpu_count']}; load average before: "
+              + " ".join(f"{x:.2f}" for x in meta["loadavg_before"]))
+        print(f"pinning: {pin_text}")
+        print(f"load: wrk HTTP/1.1, c=1 (1 thread) and c=32 (2 threads), {args.duration} s each after "
+              f"{args.warmup} s warm-up, {args.rounds} round(s), order rotated per round")
+        print(f"target: {meta['target']}")
+        print(f"variants: {', '.join(v.name for v in variants)}")
+        print(f"expected total: about {expected:.0f} s ({loads} loads of {per_load} s + start-up)", flush=True)
+
+        verify(stack, variants)
+        rows: list[dict] = []
+        for rnd in range(args.rounds):
+            order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+            for conns, threads in CONCURRENCY:
+                for v in order:
+                    warm(stack, v, conns, threads, args.warmup, pin)
+                    row = measure(stack, v, conns, threads, args.duration, pin)
+                    row["round"] = rnd + 1
+                    rows.append(row)
+                    flag = "  !! >1% errors" if row["error_ratio"] > ERROR_FLAG_RATIO else ""
+                    errs = ", ".join(f"{k} {n}" for k, n in row["errors"].items() if n) or "none"
+                    print(f"  round {rnd + 1} c={conns:<2} {v.name:<17} {row['rps']:>9,.0f} rps  "
+                          f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors: {errs}{flag}",
+                          flush=True)
+                    if row["error_count"] and row["envoy_events"]:
+                        print("      Envoy: " + ", ".join(f"{k} +{n}" for k, n in row["envoy_events"].items()),
+                              flush=True)
+        if "native" in {v.name for v in variants}:
+            limited = envoy_stats(stack.ports.envoy_admin).get("bench_local_rl.http_local_rate_limit.rate_limited", 0)
+            if limited:
+                print(f"warning: local_ratelimit rejected {limited} requests (bucket too small?)")
+        meta["loadavg_after"] = os.getloadavg()
+        summary = by_concurrency(summarize(rows, variants))
+        print()
+        print(table(summary))
+        print(f"\nload average after: {' '.join(f'{x:.2f}' for x in meta['loadavg_after'])}"
+              + ("  (above 0.5 before the run: something else was using the CPUs; numbers are noisier)"
+                 if meta["loadavg_before"][0] > 0.5 else ""))
+        flagged = [f"{s['variant']} c={s['concurrency']}" for s in summary if s["flagged"]]
+        if flagged:
+            print(f"\n!! more than 1% errors: {', '.join(flagged)} (their numbers are not comparable)")
+        print("\nside µs/req and RSS: CPU (utime+stime) of the gRPC server behind the variant (extproc or "
+              "the floor) per completed request; %floor compares with the floor of the same filter shape.")
+        if args.json is not None:
+            doc = {"meta": meta, "variants": {v.name: {"letter": v.letter or None, "title": v.title,
+                                                        "filters": list(v.filters), "sidecar": v.sidecar,
+                                                        "floor": v.floor} for v in variants},
+                   "summary": summary, "runs": rows}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"JSON written to {args.json}")
+        return 0
+    except BenchError as exc:
+        failed = True
+        print(f"\nbench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping the processes it started", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # finish the cleanup even if signalled again
+        for proc in reversed(started):
+            proc.stop()
+        if args.keep or failed:
+            print(f"configs and logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
