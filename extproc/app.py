@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -26,9 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import config as cfgmod
-from .core.jwt import KeySet, ProviderRules, TokenCache
-from .core.policy import CompiledPolicy, PolicySet
+from .core.authorize import IpList, Requirements, RuleSet
+from .core.credentials import Source
+from .core.jwt import KeySet, ProviderRules
+from .core.policy import CompiledPolicy, PolicySet, ProviderPlan
 from .services.authz import AuthorizationService
+from .services.identity import Identity
 from .services.jwks import KeySource
 from .services.processor import ExternalProcessorService
 from .store import Store, StoreError
@@ -44,38 +48,94 @@ STORE_PROBE_SECONDS = 2.0
 CONFIG_POLL_SECONDS = 1.0
 
 
+def _sources(sources: list[cfgmod.TokenSource]) -> tuple[Source, ...]:
+    out = []
+    for s in sources:
+        if s.header is not None:
+            out.append(Source.header(s.header, s.prefix))
+        elif s.cookie is not None:
+            out.append(Source("cookie", s.cookie))
+        else:
+            assert s.query is not None
+            out.append(Source("query", s.query))
+    return tuple(out)
+
+
 def compile_policies(cfg: cfgmod.Config) -> PolicySet:
+    """Everything a request reads about policies, built once per config."""
+    plans = {}
+    for name, p in cfg.providers.items():
+        plans[name] = ProviderPlan(
+            name=name, kind="introspection" if p.introspection is not None else "jwt",
+            sources=_sources(p.token_sources), claims_to_headers=tuple(p.claims_to_headers.items()),
+            metadata_claims=tuple(p.metadata_claims), revocation_fail_closed=p.revocation_fail == "closed")
     pols = {}
     for name, p in cfg.policies.items():
-        providers = tuple(p.auth.providers_any) if isinstance(p.auth, cfgmod.PolicyAuth) else ()
-        pols[name] = CompiledPolicy(name=name, shadow=p.mode == "shadow", providers=providers)
-    forward = {n: p.claims_to_headers["sub"] for n, p in cfg.providers.items() if "sub" in p.claims_to_headers}
+        auth = p.auth if isinstance(p.auth, cfgmod.PolicyAuth) else None
+        requirements = None
+        if auth is not None and (auth.scopes or auth.roles or auth.claims):
+            requirements = Requirements.compile(auth)
+        pols[name] = CompiledPolicy(
+            name=name, shadow=p.mode == "shadow", public=auth is None,
+            any_of=tuple(auth.providers_any) if auth else (), all_of=tuple(auth.all_of) if auth else (),
+            api_keys=bool(auth and auth.api_keys), requirements=requirements,
+            ip=IpList.compile(p.ip) if p.ip is not None and (p.ip.allow or p.ip.deny) else None,
+            rules=RuleSet.compile(p.rules) if p.rules else None,
+            keep_authorization=bool(auth and auth.keep_authorization),
+            revoke_presented=p.revoke_presented_token)
+    strip = {h for plan in plans.values() for _, h in plan.claims_to_headers}
+    api_key_sources: tuple[Source, ...] = ()
+    api_key_headers: list[tuple[str, str]] = []
+    if cfg.api_keys is not None:
+        api_key_sources = _sources(cfg.api_keys.sources)
+        for what, header in (("owner", cfg.api_keys.owner_header), ("tier", cfg.api_keys.tier_header)):
+            if header:
+                api_key_headers.append((what, header))
+                strip.add(header)
+    query_names = frozenset(s.name for plan in plans.values() for s in plan.sources if s.kind == "query")
     return PolicySet(policies=pols, default=cfg.default_policy, unknown_allows=cfg.unknown_policy == "allow",
-                     forward_headers=forward, strip_headers=tuple(sorted(set(forward.values()))))
+                     providers=plans, api_key_sources=api_key_sources, api_key_headers=tuple(api_key_headers),
+                     strip_headers=tuple(sorted(strip)), credential_query_params=query_names)
 
 
 @dataclass
 class Runtime:
-    """Everything a request reads, built from one config; swapped whole on reload."""
+    """Everything a request reads, built from one config; swapped whole on reload. Fleet state
+    (the store, the revocation list) belongs to the Worker and outlives reloads."""
     config: cfgmod.Config
     policies: PolicySet
     max_header_bytes: int
+    identity: Identity
     keys: dict[str, tuple[ProviderRules, KeySet]] = field(default_factory=dict)
-    sources: list[KeySource] = field(default_factory=list)
-    token_cache: TokenCache = field(default_factory=TokenCache)
+    sources: dict[str, KeySource] = field(default_factory=dict)
+    introspectors: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, cfg: cfgmod.Config) -> Runtime:
-        rt = cls(config=cfg, policies=compile_policies(cfg), max_header_bytes=cfg.server.max_header_bytes)
-        rt.sources = [KeySource(name, p, rt.keys) for name, p in cfg.providers.items()]
-        return rt
+    def build(cls, cfg: cfgmod.Config, revocations: Any = None, api_keys: Any = None) -> Runtime:
+        policies = compile_policies(cfg)
+        keys: dict[str, tuple[ProviderRules, KeySet]] = {}
+        sources = {name: KeySource(name, p, keys) for name, p in cfg.providers.items() if p.introspection is None}
+        introspectors: dict[str, Any] = {}
+        for name, p in cfg.providers.items():
+            if p.introspection is not None:
+                from .services.introspection import Introspector
+
+                secret = cfgmod.read_secret(p.introspection.client_secret_file, p.introspection.client_secret_env,
+                                            f"providers.{name}.introspection.client_secret")
+                introspectors[name] = Introspector(p.introspection, secret)
+        identity = Identity(policies, keys, sources, introspectors=introspectors, api_keys=api_keys,
+                            revocations=revocations)
+        return cls(config=cfg, policies=policies, max_header_bytes=cfg.server.max_header_bytes, identity=identity,
+                   keys=keys, sources=sources, introspectors=introspectors)
 
     async def start(self) -> None:
-        await asyncio.gather(*(s.start() for s in self.sources))
+        await asyncio.gather(*(s.start() for s in self.sources.values()))
 
     async def close(self) -> None:
-        for s in self.sources:
+        for s in self.sources.values():
             await s.close()
+        for i in self.introspectors.values():
+            await i.close()
 
     def policy_label(self, name: str | None) -> str:
         """Metric label for a policy name: bounded to the configured names."""
@@ -116,8 +176,19 @@ class Worker:
         self.cfg = cfg
         self.listen = listen or cfg.server.listen
         self.with_admin = with_admin
-        self.runtime = Runtime.build(cfg)
         self.store: Store = build_store(cfg.store)
+        # fleet state lives with the worker, not the config: it survives reloads
+        from .services.revocation import RevocationList
+
+        self.revocations = RevocationList(self.store, on_state=lambda ok: metrics.REVOCATION_COMPLETE.set(int(ok)))
+        self.apikeys = None
+        if cfg.api_keys is not None:
+            from .services.apikeys import ApiKeyRegistry
+
+            ak = cfg.api_keys
+            self.apikeys = ApiKeyRegistry(ak.keys, self.store if ak.from_store else None,
+                                          cache_seconds=ak.cache_seconds)
+        self.runtime = Runtime.build(cfg, self.revocations, self.apikeys)
         self.store_up: bool | None = None
         self.draining = False
         self.health = health.aio.HealthServicer()
@@ -134,6 +205,8 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.revocations is not None:
+            await self.revocations.start()
         await self.runtime.start()
         server = grpc.aio.server(
             maximum_concurrent_rpcs=self.cfg.server.max_in_flight,
@@ -154,7 +227,7 @@ class Worker:
         if self.with_admin:
             from .admin.server import AdminServer
 
-            self.admin = AdminServer(self.cfg.admin, self)
+            self.admin = AdminServer(self.cfg.admin, self, apikeys=self.apikeys, revocations=self.revocations)
             await self.admin.start()
         self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
         if self.config_path is not None:
@@ -199,6 +272,8 @@ class Worker:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.runtime.close()
+        if self.revocations is not None:
+            await self.revocations.close()
         try:
             await self.store.close()
         except StoreError:
@@ -228,7 +303,11 @@ class Worker:
                 ("store", new.store != self.cfg.store)) if changed]
             if restart_needed:
                 log.warning("config changes to %s take effect after a restart", ", ".join(restart_needed))
-            rt = Runtime.build(new)
+            if self.apikeys is not None:
+                ak = new.api_keys
+                self.apikeys.update_config(ak.keys if ak else [])
+                self.apikeys.store = self.store if ak and ak.from_store else None
+            rt = Runtime.build(new, self.revocations, self.apikeys)
             await rt.start()
             kept_server = self.cfg.server.model_copy(update={"max_header_bytes": new.server.max_header_bytes})
             old, self.runtime, self.cfg = self.runtime, rt, new.model_copy(
@@ -275,6 +354,7 @@ class Worker:
             "draining": self.draining,
             "store": {"kind": self.store.name, "up": self.store_up},
             "providers": providers,
+            "revocations": self.revocations.status(),
         }
         return (not self.draining), detail
 

@@ -1,4 +1,4 @@
-"""`extproc serve | check-config | token | upstream`."""
+"""`extproc serve | check-config | explain | token | apikey | upstream`."""
 
 from __future__ import annotations
 
@@ -93,11 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--claim", action="append", help="extra claim name=value")
     p.set_defaults(func=cmd_token)
 
+    p = sub.add_parser("explain", help="run one request through a config's policies and say why",
+                       add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("apikey", help="manage API keys: create | list | revoke (admin API), digest (offline)",
+                       add_help=False)
+    p.set_defaults(func=None)
+
     p = sub.add_parser("upstream", help="run the demo upstream (webshop API + demo identity provider)",
                        add_help=False)
     p.set_defaults(func=None)
 
     args, rest = parser.parse_known_args(argv)
+    if args.command == "explain":
+        from . import explain
+
+        return explain.main(rest)
+    if args.command == "apikey":
+        from . import apikey_cli
+
+        return apikey_cli.main(rest)
     if args.command == "upstream":
         from .demo import upstream
 

@@ -248,16 +248,21 @@ class ApiKeys(_Closed):
         default_factory=lambda: [TokenSource(header="x-api-key")])
     keys: list[ApiKey] = Field(default_factory=list)
     from_store: bool = False
+    cache_seconds: Annotated[float, Field(ge=0, le=300)] = 5.0   # store keys: revocation bound per replica
     owner_header: str | None = "x-api-key-owner"     # set upstream on success (client copies removed)
     tier_header: str | None = "x-api-key-tier"
 
     @model_validator(mode="after")
     def _unique(self) -> ApiKeys:
         seen: set[str] = set()
+        digests: set[str] = set()
         for k in self.keys:
             if k.id in seen:
                 raise ValueError(f"api key id {k.id!r} appears twice")
+            if k.digest in digests:
+                raise ValueError(f"api key {k.id!r} has the same digest as another key")
             seen.add(k.id)
+            digests.add(k.digest)
         return self
 
 
@@ -321,11 +326,36 @@ class Conditions(_Closed):
     def _methods(cls, v: list[str]) -> list[str]:
         return [m.upper() for m in v]
 
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/"):
+                raise ValueError(f"path prefix {p!r} must start with /")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name != name.lower():
+                raise ValueError(f"header name {name!r}: header names are lower-case (Envoy lower-cases them)")
+        return v
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("an empty subject never matches")
+        return v
+
 
 class Rule(_Closed):
+    """A named allow or deny rule: it applies when `when` holds and `unless` (if given) does not."""
     name: Annotated[str, Field(pattern=_NAME)]
     effect: Literal["allow", "deny"]
     when: Conditions = Field(default_factory=Conditions)
+    unless: Conditions | None = None
 
 
 class IpRules(_Closed):

@@ -98,7 +98,20 @@ class Supervisor:
         self._stopped.set()
 
     async def run(self) -> int:
-        admin = AdminServer(self.cfg.admin, self)
+        # the admin API's revocations and API keys write to the shared store the workers read
+        # (N > 1 workers always have Redis); the workers learn of them by pub/sub and lookups
+        store = revocations = apikeys = None
+        if self.cfg.store.kind == "redis":
+            from .app import build_store
+            from .services.apikeys import ApiKeyRegistry
+            from .services.revocation import RevocationList
+
+            store = build_store(self.cfg.store)
+            revocations = RevocationList(store)
+            ak = self.cfg.api_keys
+            if ak is not None:
+                apikeys = ApiKeyRegistry(ak.keys, store if ak.from_store else None, cache_seconds=ak.cache_seconds)
+        admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations)
         await admin.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.stop()))
@@ -107,6 +120,8 @@ class Supervisor:
         self._tasks = [asyncio.create_task(self._keep(i)) for i in range(self.cfg.server.workers)]
         await self._stopped.wait()
         await admin.stop()
+        if store is not None:
+            await store.close()
         log.info("stopped")
         return 0
 

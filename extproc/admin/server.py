@@ -7,6 +7,8 @@ GET  /readyz    readiness: config loaded and not draining (503 otherwise); the s
                 each policy's failure setting decides what a store outage means
 GET  /config    the config in force, secrets redacted
 POST /reload    reload extproc.yaml now (bearer token required)
+GET|POST /apikeys, DELETE /apikeys/{id}   store-managed API keys (bearer token required)
+POST /revoke    revoke a token (jti or digest) or every token of a subject (bearer token required)
 
 Mutating endpoints need `Authorization: Bearer <token>` with the token from admin.token_file
 or admin.token_env; with no token configured they answer 403 and do nothing.
@@ -24,6 +26,8 @@ from .. import config as cfgmod
 from ..telemetry import metrics
 
 log = logging.getLogger("extproc.admin")
+audit = logging.getLogger("extproc.audit")
+audit.setLevel(logging.INFO)        # audit lines survive --log-level warning
 
 
 class Target(Protocol):
@@ -40,9 +44,11 @@ def _split(listen: str) -> tuple[str, int]:
 
 
 class AdminServer:
-    def __init__(self, cfg: cfgmod.Admin, target: Target):
+    def __init__(self, cfg: cfgmod.Admin, target: Target, apikeys=None, revocations=None):
         self.cfg = cfg
         self.target = target
+        self.apikeys = apikeys
+        self.revocations = revocations
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -53,6 +59,14 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/config", self.config)
         app.router.add_post("/reload", self.reload)
+        if self.apikeys is not None:
+            from .apikeys import add_routes as add_apikey_routes
+
+            add_apikey_routes(app, self.apikeys, self._authorized, audit)
+        if self.revocations is not None:
+            from .revocation import add_routes as add_revocation_routes
+
+            add_revocation_routes(app, self.revocations, self._authorized, audit)
         return app
 
     async def start(self) -> None:

@@ -26,7 +26,7 @@ from jwt.api_jwk import PyJWK
 from .reasons import Reason
 
 MAX_TOKEN_BYTES = 8192
-_KEY_TYPE = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}   # JWS alg prefix -> JWK kty
+_KEY_TYPE = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP", "HS": "oct"}   # JWS alg prefix -> JWK kty
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,42 @@ class KeySet:
     """The keys one provider currently trusts, by kid. `loaded` is false until the first success."""
     keys: Mapping[str, PyJWK]
     loaded: bool
+
+    @property
+    def unnamed(self) -> bool:
+        """Keys configured without kids (PEM, secret): tokens may name any kid."""
+        return bool(self.keys) and all(k.startswith("#") for k in self.keys)
+
+    @staticmethod
+    def from_public_pem(pem: bytes) -> KeySet:
+        """One public key in PEM (RSA, EC or Ed25519/Ed448), published under kid "#pem"."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+        from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError as exc:
+            raise ValueError(f"not a PEM public key: {exc}") from None
+        if isinstance(key, rsa.RSAPublicKey):
+            jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            jwk = ECAlgorithm.to_jwk(key, as_dict=True)
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
+        else:
+            raise ValueError(f"unsupported public key type {type(key).__name__}")
+        return KeySet({"#pem": PyJWK(jwk)}, True)
+
+    @staticmethod
+    def from_secret(secret: bytes) -> KeySet:
+        """A shared secret for HS256/384/512, under kid "#secret" (also used for tokens without kid)."""
+        import base64
+
+        if len(secret) < 32:
+            raise ValueError("an HMAC secret needs at least 32 bytes (RFC 7518 3.2)")
+        k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+        return KeySet({"#secret": PyJWK({"kty": "oct", "k": k})}, True)
 
     @staticmethod
     def from_jwks(doc: Any) -> KeySet:
@@ -137,13 +173,14 @@ def check_signature(token: str, rules: ProviderRules, keyset: KeySet) -> Verifie
     if not keyset.loaded:
         return _fail(Reason.KEYS_UNAVAILABLE, "signing keys not loaded yet")
     kid = header.get("kid")
-    if kid is not None:
-        key = keyset.keys.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            return _fail(Reason.JWT_UNKNOWN_KID, "unknown key id")
+    key = keyset.keys.get(kid) if isinstance(kid, str) else None
+    if key is not None:
         candidates = [(kid, key)]
-    else:
+    elif kid is None or keyset.unnamed:
+        # no kid, or a provider configured with one key (PEM, secret) whose tokens name it freely
         candidates = list(keyset.keys.items())
+    else:
+        return _fail(Reason.JWT_UNKNOWN_KID, "unknown key id")
     for key_id, key in candidates:
         if key._jwk_data.get("alg", alg) != alg or key.key_type != _KEY_TYPE.get(alg[:2]):
             continue  # a key published for another algorithm or key type is never used (RFC 8725 §3.1)

@@ -3,7 +3,11 @@
 It plays the services of the webshop plan (products cached 1 h, users 5 min private, orders and
 payments never) so the sidecar's policies have something real to guard, and the demo identity
 provider: /api/auth/login mints RS256 tokens with the key of `extproc.demo.idp`, and
-/.well-known/jwks.json publishes its public half for the sidecar's JWT policy.
+/.well-known/jwks.json publishes its public half for the sidecar's JWT policy. With
+`"token_type": "opaque"` the login issues an opaque random token instead, kept in the replica's
+memory, which the sidecar checks by RFC 7662 introspection at POST /oauth/introspect (client
+`extproc`, HTTP Basic, secret in `<state-dir>/introspection-secret`, see
+`introspection_secret()`); POST /oauth/revoke (RFC 7009) deactivates one.
 
 Tests observe it from the side. Every response names the replica that served it
 (`x-upstream-replica`), every request except /_control/* is counted per path (GET /_control/hits),
@@ -19,13 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import email.utils
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -35,7 +42,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
+import jwt
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -57,6 +66,10 @@ HOLD_SECONDS = 60.0          # a "timeout" failure holds the request this long a
 MAX_DELAY_MS = 30_000
 MAX_BYTES = 16 * 1024 * 1024
 TOKEN_TTL_SECONDS = 3600
+INTROSPECTION_CLIENT_ID = "extproc"
+INTROSPECTION_SECRET_FILE = "introspection-secret"
+LOGIN_TOKEN_TYPES = ("jwt", "opaque")
+MAX_OPAQUE_TOKENS = 100_000
 # RFC 9110 §15.3.5, §15.3.6, §15.4.5: these statuses never carry content.
 NO_CONTENT_STATUSES = frozenset({204, 205, 304})
 # /echo/cache must not be able to break the message framing or hide which replica answered.
@@ -121,12 +134,49 @@ def _headers_from_query(request: web.Request) -> CIMultiDict[str]:
     return headers
 
 
+def introspection_secret(directory: Path | None = None) -> str:
+    """The introspection client's secret: `<state-dir>/introspection-secret`, created (0600)
+    on first use. The sidecar reads the same file (`client_secret_file`)."""
+    directory = directory or idp.state_dir()
+    path = directory / INTROSPECTION_SECRET_FILE
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(tmp, path)           # first writer wins when two processes race
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    """(client_id, secret) from HTTP Basic, form-urldecoded as RFC 6749 §2.3.1 asks."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    client_id, sep, secret = decoded.partition(":")
+    return (unquote_plus(client_id), unquote_plus(secret)) if sep else None
+
+
 class Upstream:
     """The state and handlers of one replica."""
 
-    def __init__(self, replica_id: str, key: idp.SigningKey) -> None:
+    def __init__(self, replica_id: str, key: idp.SigningKey, state_dir: Path | None = None) -> None:
         self.replica_id = replica_id
         self.key = key
+        self.state_dir = state_dir
+        self._introspection_secret: str | None = None
+        self.opaque_tokens: dict[str, dict[str, Any]] = {}   # opaque token -> its introspection claims
+        self._verify_key = jwt.PyJWK(key.jwk).key             # to introspect the JWTs it minted too
         self.hits: dict[str, int] = {}
         self.failures: dict[str, str] = {}
         self.echo_counts: dict[str, int] = {}
@@ -349,19 +399,99 @@ class Upstream:
         if request.content_type in _FORM_TYPES:
             form = await request.post()
             username, password = form.get("username"), form.get("password")
+            token_type = form.get("token_type", "jwt")
         else:
             body = await _json_object(request)
             username, password = body.get("username"), body.get("password")
+            token_type = body.get("token_type", "jwt")
         if not isinstance(username, str) or not isinstance(password, str):
             raise Reject(400, "invalid_request", message="username and password are required")
+        if token_type not in LOGIN_TOKEN_TYPES:
+            raise Reject(400, "invalid_request", message="token_type must be jwt or opaque")
         expected = idp.DEMO_USERS.get(username)
         if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
             return self.json({"error": "invalid_credentials", "status": 401}, status=401, cache=NO_STORE)
         scopes = ["read", "write"] + (["admin"] if username == "admin" else [])
-        token = self.key.mint(username, scopes=scopes, ttl_seconds=TOKEN_TTL_SECONDS)
+        if token_type == "opaque":
+            token = self.issue_opaque(username, scopes)
+        else:
+            token = self.key.mint(username, scopes=scopes, ttl_seconds=TOKEN_TTL_SECONDS)
         # RFC 6749 §5.1: token responses are never stored
         return self.json({"access_token": token, "token_type": "Bearer", "expires_in": TOKEN_TTL_SECONDS,
                           "scope": " ".join(scopes)}, cache=NO_STORE)
+
+    def issue_opaque(self, sub: str, scopes: list[str], ttl_seconds: int = TOKEN_TTL_SECONDS) -> str:
+        """A random token whose meaning only this replica knows (ask it by introspection)."""
+        now = int(time.time())
+        if len(self.opaque_tokens) >= MAX_OPAQUE_TOKENS:
+            self.opaque_tokens = {t: c for t, c in self.opaque_tokens.items() if c["exp"] > now}
+            while len(self.opaque_tokens) >= MAX_OPAQUE_TOKENS:
+                del self.opaque_tokens[next(iter(self.opaque_tokens))]
+        token = secrets.token_urlsafe(32)
+        self.opaque_tokens[token] = {
+            "active": True, "sub": sub, "scope": " ".join(scopes), "client_id": "demo-shop",
+            "token_type": "Bearer", "iss": idp.DEMO_ISSUER, "aud": idp.DEMO_AUDIENCE,
+            "iat": now, "nbf": now, "exp": now + ttl_seconds, "jti": uuid.uuid4().hex,
+        }
+        return token
+
+    @property
+    def introspection_secret(self) -> str:
+        if self._introspection_secret is None:
+            self._introspection_secret = introspection_secret(self.state_dir)
+        return self._introspection_secret
+
+    def _client_authenticated(self, request: web.Request) -> web.Response | None:
+        """RFC 6749 §5.2 invalid_client unless the request carries the sidecar's credentials."""
+        creds = _basic_credentials(request)
+        if creds is not None and creds[0] == INTROSPECTION_CLIENT_ID and hmac.compare_digest(
+                creds[1].encode(), self.introspection_secret.encode()):
+            return None
+        resp = self.json({"error": "invalid_client"}, status=401, cache=NO_STORE)
+        resp.headers["WWW-Authenticate"] = 'Basic realm="demo-idp"'
+        return resp
+
+    def _token_claims(self, token: str) -> dict[str, Any] | None:
+        """What the IdP knows of a live token it issued (opaque or JWT), else None."""
+        now = time.time()
+        claims = self.opaque_tokens.get(token)
+        if claims is not None:
+            return dict(claims) if claims["active"] and claims["exp"] > now else None
+        try:
+            decoded = jwt.decode(token, self._verify_key, algorithms=["RS256"], audience=idp.DEMO_AUDIENCE,
+                                 issuer=idp.DEMO_ISSUER)
+        except jwt.PyJWTError:
+            return None
+        return {"active": True, "token_type": "Bearer", **decoded}
+
+    async def introspect(self, request: web.Request) -> web.Response:
+        """RFC 7662 §2: form `token` (+ optional `token_type_hint`); {"active": false} for
+        anything unknown, expired or revoked, never an error that would tell which."""
+        denied = self._client_authenticated(request)
+        if denied is not None:
+            return denied
+        form = await request.post()
+        token = form.get("token")
+        if not isinstance(token, str) or not token:
+            return self.json({"error": "invalid_request", "error_description": "token is required"},
+                             status=400, cache=NO_STORE)
+        claims = self._token_claims(token)
+        return self.json(claims if claims is not None else {"active": False}, cache=NO_STORE)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """RFC 7009 §2: deactivate an opaque token; 200 also for tokens it does not know (§2.2)."""
+        denied = self._client_authenticated(request)
+        if denied is not None:
+            return denied
+        form = await request.post()
+        token = form.get("token")
+        if not isinstance(token, str) or not token:
+            return self.json({"error": "invalid_request", "error_description": "token is required"},
+                             status=400, cache=NO_STORE)
+        claims = self.opaque_tokens.get(token)
+        if claims is not None:
+            claims["active"] = False
+        return web.Response(status=200, headers={"Cache-Control": NO_STORE})
 
     async def logout(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers={"Cache-Control": NO_STORE})
@@ -520,9 +650,10 @@ def _product_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
 UPSTREAM = web.AppKey("upstream", Upstream)
 
 
-def build_app(replica_id: str, key: idp.SigningKey) -> web.Application:
-    """The aiohttp application of one replica; its state is `app[UPSTREAM]`."""
-    upstream = Upstream(replica_id, key)
+def build_app(replica_id: str, key: idp.SigningKey, state_dir: Path | None = None) -> web.Application:
+    """The aiohttp application of one replica; its state is `app[UPSTREAM]`. `state_dir` holds
+    the introspection secret (default: $EXTPROC_STATE_DIR or .extproc/, read on first use)."""
+    upstream = Upstream(replica_id, key, state_dir)
     app = web.Application(middlewares=[upstream.middleware], client_max_size=MAX_BYTES)
     app[UPSTREAM] = upstream
     app.on_shutdown.append(upstream.on_shutdown)
@@ -542,6 +673,8 @@ def build_app(replica_id: str, key: idp.SigningKey) -> web.Application:
     r.add_post("/api/payments/{id}", upstream.create_payment)
     r.add_post("/api/auth/login", upstream.login)
     r.add_post("/api/auth/logout", upstream.logout)
+    r.add_post("/oauth/introspect", upstream.introspect)
+    r.add_post("/oauth/revoke", upstream.revoke)
     r.add_get("/public/health", upstream.health)
     r.add_get("/.well-known/jwks.json", upstream.jwks)
     r.add_route("*", "/status/{code}", upstream.status)
@@ -569,7 +702,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace, key: idp.SigningKey) -> int:
-    app = build_app(args.replica_id, key)
+    app = build_app(args.replica_id, key, args.state_dir)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0,
                            access_log=logging.getLogger("extproc.demo.upstream.access") if args.access_log else None)
     await runner.setup()
@@ -598,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = idp.load_or_create(args.state_dir)
+    introspection_secret(args.state_dir)   # now, so a sidecar started next finds the file
     return asyncio.run(_serve(args, key))
 
 

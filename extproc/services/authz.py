@@ -34,6 +34,8 @@ _DENIED_STATUS = status_pb2.Status(code=grpc.StatusCode.PERMISSION_DENIED.value[
 _UNAUTHENTICATED_STATUS = status_pb2.Status(code=grpc.StatusCode.UNAUTHENTICATED.value[0])
 _PLAIN_OK = pb.CheckResponse(status=_OK_STATUS, ok_response=pb.OkHttpResponse())
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"   # where Envoy files what we return
+UNAVAILABLE_REASONS = frozenset({Reason.INTROSPECTION_UNAVAILABLE, Reason.REVOCATION_UNKNOWN, Reason.STORE_ERROR,
+                                 Reason.STORE_TIMEOUT})
 
 
 def request_from_check(check: pb.CheckRequest) -> Request:
@@ -94,18 +96,29 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             if header_bytes(request) > rt.max_header_bytes:
                 decision = deny(431, Reason.HEADERS_TOO_LARGE, "request headers too large")
             else:
-                decision = core_policy.decide(req, rt.policies, rt.keys, time.time(), rt.token_cache)
+                policy = rt.policies.select(req.policy)
+                if policy is None:
+                    decision = core_policy.unknown_policy(req.policy or "", rt.policies)
+                else:
+                    decision = await rt.identity.decide(req, policy, time.time())
         except Exception:  # noqa: BLE001 - a request we cannot judge is an UNAVAILABLE, never a crash
             log.exception("check failed")
             metrics.child(metrics.DECISIONS, "authz", "", "error", Reason.INTERNAL.value).inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc could not judge this request")
             raise  # unreachable: abort raises
+        if not decision.allowed and decision.reason in UNAVAILABLE_REASONS:
+            # a dependency failed and no fallback decided: a gRPC error Envoy can act on (its
+            # status_on_error answers 503), never a reply that hides the failure
+            metrics.child(metrics.DECISIONS, "authz", rt.policy_label(req.policy), "error", decision.reason.value).inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"extproc: {decision.reason.value}")
         elapsed = time.perf_counter() - start
         self._timing.observe(elapsed)
         result = "allow" if decision.allowed else "deny"
         if decision.would_deny:
             result = "shadow_deny"
-        metrics.child(metrics.DECISIONS, "authz", rt.policy_label(req.policy), result, decision.reason.value).inc()
+        label = rt.policy_label(req.policy)
+        metrics.child(metrics.DECISIONS, "authz", label, result, decision.reason.value).inc()
+        metrics.child(metrics.AUTH_DECISIONS, label, result).inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"request_id": req.request_id, "policy": decision.policy,
                                          "result": result, "reason": decision.reason.value})

@@ -1,8 +1,8 @@
 """The one store contract every backend answers: memory, Redis, Redis Cluster.
 
 Decides the shape of shared state as the rest of the sidecar sees it: a handful of
-operations (bytes get/set/delete, counters, an atomic fixed-window hit), all async, and one
-error type. Drivers' exceptions never cross this boundary: each backend turns them into
+operations (bytes get/set/delete, counters, an atomic fixed-window hit, a scored set, and
+pub/sub), all async, and one error type. Drivers' exceptions never cross this boundary: each backend turns them into
 `StoreError`, whose `transient` flag says whether retrying later can help (connection lost,
 timeout, cluster failover) or not (a wrong-type value, bad credentials), and whose `timeout`
 flag lets callers report `store_timeout` apart from `store_error`. What a store failure
@@ -12,6 +12,7 @@ store's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -46,6 +47,32 @@ class WindowResult:
     count: int
     remaining: int
     reset_after_ms: int
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """Messages published on one channel after `Store.subscribe` returned, in publish order.
+
+    `async for message in sub` yields each message's bytes. Delivery is at most once, and a
+    subscription never hides a gap: when the backend loses it (connection closed, a silent
+    partition caught by the subscription's own PING, a subscriber that fell too far behind)
+    the iteration raises `StoreError(transient=True)` once and then ends. It does NOT
+    reconnect by itself: messages published meanwhile are gone, so the caller subscribes
+    again and then re-reads whatever state the messages were about (subscribe first, then
+    read, and nothing falls between the two). `close()` ends the iteration quietly
+    (`StopAsyncIteration`, also for a reader already waiting) and is idempotent.
+    """
+
+    channel: str
+
+    def __aiter__(self) -> Subscription:
+        ...
+
+    async def __anext__(self) -> bytes:
+        ...
+
+    async def close(self) -> None:
+        ...
 
 
 @runtime_checkable
@@ -86,6 +113,42 @@ class Store(Protocol):
         """
         ...
 
+    async def zadd(self, key: str, member: str, score: float) -> None:
+        """Add `member` to the scored set at `key`, or move it to `score` when present.
+
+        A scored set is Redis's sorted set: distinct text members, each with a finite float
+        score. The set has no TTL of its own: callers that score by expiry time drop old
+        members with `zrem_below`. A key holding another type raises StoreError(transient=False).
+        """
+        ...
+
+    async def zrange_from(self, key: str, min_score: float) -> list[tuple[str, float]]:
+        """Every `(member, score)` with score >= `min_score`, ordered by (score, member).
+
+        Read in pages (never one unbounded reply), so members added or removed while it
+        runs may or may not be included; members present throughout always are. A missing
+        key is an empty set.
+        """
+        ...
+
+    async def zrem_below(self, key: str, max_score: float) -> int:
+        """Remove the members scored <= `max_score`; returns how many were removed."""
+        ...
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Send `message` to every current subscriber of `channel` (fire and forget).
+
+        Channels are not keys: on Redis Cluster a PUBLISH reaches the subscribers on every
+        node. Nobody listening is not an error.
+        """
+        ...
+
+    async def subscribe(self, channel: str) -> Subscription:
+        """Listen on `channel`; returns once the backend confirmed the subscription, so a
+        message published after this returns is delivered. Raises StoreError when the
+        backend is unreachable. The caller closes the subscription."""
+        ...
+
     async def ping(self) -> None:
         """Return when the backend answers; raise StoreError when it does not."""
         ...
@@ -108,6 +171,26 @@ def check_window(limit: int, window_ms: int, cost: int) -> None:
         raise ValueError(f"window_ms must be >= 1, got {window_ms!r}")
     if cost < 1:
         raise ValueError(f"cost must be >= 1, got {cost!r}")
+
+
+def check_score(score: float) -> float:
+    """Scores are finite numbers on every backend (Redis would accept inf, memory NaN)."""
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise ValueError(f"scores are finite numbers, got {score!r}")
+    return float(score)
+
+
+def check_bound(bound: float) -> float:
+    """A range bound: any number but NaN (-inf and inf mean "no bound")."""
+    if isinstance(bound, bool) or not isinstance(bound, int | float) or math.isnan(bound):
+        raise ValueError(f"score bounds are numbers, got {bound!r}")
+    return float(bound)
+
+
+def check_member(member: str) -> str:
+    if not isinstance(member, str):
+        raise TypeError(f"scored-set members are str, got {type(member).__name__}")
+    return member
 
 
 def as_bytes(value: bytes) -> bytes:

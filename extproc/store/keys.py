@@ -13,6 +13,11 @@ key, which is why the prefix and the namespace may not contain braces, and it mu
 non-empty and free of `}` or Redis would hash the whole key instead. On standalone Redis and
 in memory the tag is merely part of the name, so one key layout serves every backend.
 
+Pub/sub channels are not keys: a classic PUBLISH on Redis Cluster is broadcast to every
+node over the cluster bus and the channel name is never hashed, so `channel()` names carry
+no tag — only the prefix, which keeps two deployments sharing one Redis from hearing each
+other. (Sharded pub/sub, SPUBLISH, would hash the name; it is not used.)
+
 The prefix is configurable (extproc.yaml `store.key_prefix`) so that several deployments
 can share one Redis, and tests isolate themselves by giving each test its own prefix instead
 of flushing a shared server.
@@ -56,6 +61,13 @@ class KeySpace:
         head = f"{self.prefix}:{namespace}:{{{tag}}}"
         return ":".join((head, *parts)) if parts else head
 
+    def channel(self, namespace: str, name: str) -> str:
+        """`<prefix>:<namespace>:<name>`, a pub/sub channel (no hash tag: see the module docstring)."""
+        _check_plain("namespace", namespace)
+        if not name:
+            raise ValueError("channel name must not be empty")
+        return f"{self.prefix}:{namespace}:{name}"
+
 
 _default = KeySpace()
 
@@ -73,6 +85,11 @@ def current() -> KeySpace:
 def key(namespace: str, tag: str, *parts: str) -> str:
     """A key under the process-wide prefix; see the module docstring for the layout."""
     return _default.key(namespace, tag, *parts)
+
+
+def channel(namespace: str, name: str) -> str:
+    """A pub/sub channel under the process-wide prefix."""
+    return _default.channel(namespace, name)
 
 
 def hash_tag(key: str) -> str:

@@ -14,18 +14,35 @@ Decides how the default (no Redis configured) backend behaves:
   microseconds, so tests step a fake clock instead of sleeping. A key set with `ttl_ms=T` at
   time t is gone from t + T on.
 * Never blocks: every operation is O(1) or O(log n) dict/heap work with no `await` inside,
-  which also makes each operation atomic with respect to other tasks on the loop.
+  which also makes each operation atomic with respect to other tasks on the loop
+  (`zrange_from` sorts the set it reads: O(n log n), for rare bulk reads such as a resync).
+* Scored sets are Redis sorted sets: a key holds either bytes/a counter or a set, and using
+  it as the other type is the same permanent WRONGTYPE error; an emptied set disappears.
+* Pub/sub is in-process fan-out to the subscribers of this MemoryStore, in publish order.
+  Each subscriber buffers at most `max_pending_messages`; one that falls further behind has
+  lost messages, so it is told so (StoreError on its next read) and dropped, exactly like a
+  Redis subscriber whose connection died. Publishing never waits for a subscriber.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from extproc.store.base import StoreError, WindowResult, as_bytes, check_ttl, check_window
+from extproc.store.base import (
+    StoreError,
+    WindowResult,
+    as_bytes,
+    check_bound,
+    check_member,
+    check_score,
+    check_ttl,
+    check_window,
+)
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -33,12 +50,75 @@ _INT64_MAX = 2**63 - 1
 _REDIS_INT = re.compile(rb"-?[1-9][0-9]{0,19}|0")
 
 
+_WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
+
+
+class _ZSet(dict[str, float]):
+    """A scored set's members; its own type so that bytes and counters never mix with it."""
+
+
 class _Entry:
     __slots__ = ("value", "expires_us")
 
-    def __init__(self, value: bytes | int, expires_us: int | None):
+    def __init__(self, value: bytes | int | _ZSet, expires_us: int | None):
         self.value = value
         self.expires_us = expires_us
+
+
+class MemorySubscription:
+    """One subscriber of a MemoryStore channel; see `Subscription` in base.py for the contract."""
+
+    def __init__(self, store: MemoryStore, channel: str, max_pending: int):
+        self.channel = channel
+        self._store = store
+        self._max_pending = max_pending
+        self._pending: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: StoreError | None = None
+        self._closed = False
+
+    def _deliver(self, message: bytes) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._lose(StoreError(f"memory subscription to {self.channel!r}: more than {self._max_pending} "
+                                  "messages waiting; the subscriber fell behind and messages were dropped",
+                                  transient=True))
+            return
+        self._pending.append(message)
+        self._wake()
+
+    def _lose(self, error: StoreError) -> None:
+        self._store._unsubscribe(self)
+        self._pending.clear()
+        self._lost = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> MemorySubscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._pending:
+                return self._pending.popleft()
+            if self._lost is not None:
+                error, self._lost, self._closed = self._lost, None, True
+                raise error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def close(self) -> None:
+        self._closed = True
+        self._pending.clear()
+        self._store._unsubscribe(self)
+        self._wake()
 
 
 class MemoryStore:
@@ -46,10 +126,15 @@ class MemoryStore:
 
     name = "memory"
 
-    def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic,
+                 max_pending_messages: int = 10_000):
         if max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {max_keys!r}")
+        if max_pending_messages < 1:
+            raise ValueError(f"max_pending_messages must be >= 1, got {max_pending_messages!r}")
         self.max_keys = max_keys
+        self.max_pending_messages = max_pending_messages
+        self._subscribers: dict[str, dict[MemorySubscription, None]] = {}
         self._clock = clock
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         # (expires_us, key) for every entry written with a TTL; stale items (key rewritten
@@ -67,6 +152,8 @@ class MemoryStore:
         if entry is None:
             return None
         value = entry.value
+        if isinstance(value, _ZSet):
+            raise StoreError(f"memory get: {_WRONGTYPE}", transient=False)
         return str(value).encode() if isinstance(value, int) else value
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
@@ -114,6 +201,54 @@ class MemoryStore:
             return WindowResult(True, count, max(0, limit - count), window_ms)
         entry.value = count
         return WindowResult(True, count, max(0, limit - count), ttl_ms)
+
+    async def zadd(self, key: str, member: str, score: float) -> None:
+        check_member(member)
+        score = check_score(score)
+        now = self._now_us()
+        entry = self._lookup(key, now)
+        if entry is None:
+            self._insert(key, _Entry(_ZSet({member: score}), None), now)
+            return
+        self._zset(entry, "zadd")[member] = score
+
+    async def zrange_from(self, key: str, min_score: float) -> list[tuple[str, float]]:
+        min_score = check_bound(min_score)
+        entry = self._lookup(key, self._now_us())
+        if entry is None:
+            return []
+        members = self._zset(entry, "zrange_from")
+        return sorted(((m, s) for m, s in members.items() if s >= min_score), key=lambda ms: (ms[1], ms[0]))
+
+    async def zrem_below(self, key: str, max_score: float) -> int:
+        max_score = check_bound(max_score)
+        entry = self._lookup(key, self._now_us())
+        if entry is None:
+            return 0
+        members = self._zset(entry, "zrem_below")
+        doomed = [m for m, s in members.items() if s <= max_score]
+        for m in doomed:
+            del members[m]
+        if not members:
+            del self._data[key]   # as Redis: an emptied set does not exist
+        return len(doomed)
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        message = as_bytes(message)
+        for sub in list(self._subscribers.get(channel, ())):
+            sub._deliver(message)
+
+    async def subscribe(self, channel: str) -> MemorySubscription:
+        sub = MemorySubscription(self, channel, self.max_pending_messages)
+        self._subscribers.setdefault(channel, {})[sub] = None
+        return sub
+
+    def _unsubscribe(self, sub: MemorySubscription) -> None:
+        subs = self._subscribers.get(sub.channel)
+        if subs is not None:
+            subs.pop(sub, None)
+            if not subs:
+                del self._subscribers[sub.channel]
 
     async def ping(self) -> None:
         return None
@@ -168,10 +303,18 @@ class MemoryStore:
         self._expiries = [(e.expires_us, k) for k, e in self._data.items() if e.expires_us is not None]
         heapq.heapify(self._expiries)
 
+    @staticmethod
+    def _zset(entry: _Entry, op: str) -> _ZSet:
+        if not isinstance(entry.value, _ZSet):
+            raise StoreError(f"memory {op}: {_WRONGTYPE}", transient=False)
+        return entry.value
+
     def _counter(self, entry: _Entry, op: str) -> int:
         value = entry.value
         if isinstance(value, int):
             return value
+        if isinstance(value, _ZSet):
+            raise StoreError(f"memory {op}: {_WRONGTYPE}", transient=False)
         if _REDIS_INT.fullmatch(value):
             number = int(value)
             if _INT64_MIN <= number <= _INT64_MAX:

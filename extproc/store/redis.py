@@ -24,23 +24,48 @@ Decides how the sidecar talks to Redis:
   fail with the same error instead of each waiting for its own connect timeout.
 * Every exception of the driver (redis errors, cluster errors, OSError, timeouts) becomes
   `StoreError`; `_classify` says which ones are transient and which are timeouts.
+* Scored sets are sorted sets; `zrange_from` reads them with ZSCAN pages (each one short
+  enough for the socket timeout, and members present throughout are never skipped, unlike
+  LIMIT offsets while members are removed) and sorts client-side.
+* Pub/sub: PUBLISH goes through the normal client. Each subscription is its own connection
+  (not from the pool: it is held for as long as the subscriber listens), to the server or,
+  on Cluster, to a random node: classic PUBLISH is broadcast over the cluster bus, so every
+  node delivers every channel. redis-py's PubSub reconnects and resubscribes silently, which
+  would hide lost messages; `RedisSubscription` instead raises StoreError once and ends
+  (see `Subscription` in base.py). A silent partition (no RST, no FIN) is caught by a PING
+  sent after `pubsub_ping_seconds` without traffic, which must be answered within
+  `max(1 s, timeout)`. Its handshake waits up to max(timeout, connect timeout): it is off the
+  request path. `close()` closes the subscriptions still open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
+import random
+import weakref
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from extproc.store.base import StoreError, WindowResult, as_bytes, check_ttl, check_window
+from extproc.store.base import (
+    StoreError,
+    WindowResult,
+    as_bytes,
+    check_bound,
+    check_member,
+    check_score,
+    check_ttl,
+    check_window,
+)
 
 # Exceptions the driver may raise; anything else is a bug and propagates unchanged.
 _DRIVER_ERRORS = (rex.RedisError, rex.RedisClusterException, OSError)
@@ -105,15 +130,104 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _bound(score: float) -> str:
+    if math.isinf(score):
+        return "+inf" if score > 0 else "-inf"
+    return repr(score)
+
+
+_ZSCAN_PAGE = 1000
+
+
+class RedisSubscription:
+    """One channel on its own connection; see `Subscription` in base.py for the contract."""
+
+    def __init__(self, store: RedisStore, channel: str, conn: AbstractConnection, ping_seconds: float,
+                 pong_timeout: float):
+        self.channel = channel
+        self._store = store
+        self._conn = conn
+        self._ping_seconds = ping_seconds
+        self._pong_timeout = pong_timeout
+        self._pong_due: float | None = None
+        self._closed = False
+
+    def __aiter__(self) -> RedisSubscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                if self._pong_due is None:
+                    wait = self._ping_seconds
+                else:
+                    wait = self._pong_due - loop.time()
+                    if wait <= 0:
+                        raise StoreError(f"{self._store.name} subscription to {self.channel!r}: no answer to "
+                                         f"PING within {self._pong_timeout:g}s; messages may have been lost",
+                                         transient=True, timeout=True)
+                # an explicit timeout makes an idle read return None instead of raising
+                reply = await self._conn.read_response(timeout=wait, push_request=True)
+                if reply is None:
+                    if self._pong_due is None:
+                        await self._conn.send_command("PING", check_health=False)
+                        self._pong_due = loop.time() + self._pong_timeout
+                    continue
+            except StoreError:
+                await self._shutdown()
+                raise
+            except Exception as exc:  # noqa: BLE001 - after close() the reader sees whatever the socket did
+                if self._closed:
+                    raise StopAsyncIteration from None
+                if not isinstance(exc, _DRIVER_ERRORS):
+                    raise
+                await self._shutdown()
+                raise self._store._error(f"subscription to {self.channel!r} lost (messages may have been "
+                                         "lost)", exc) from exc
+            if isinstance(reply, list) and reply:
+                kind = reply[0]
+                if kind == b"message" and len(reply) == 3:
+                    return reply[2]
+                if kind == b"pong":   # RESP2 answers PING in subscribed mode as a message
+                    self._pong_due = None
+            elif reply == b"PONG":    # RESP3 (redis-py's default) answers it plainly
+                self._pong_due = None
+            # anything else (a late subscribe confirmation) carries no message
+
+    async def _shutdown(self) -> None:
+        self._closed = True
+        self._store._subscriptions.discard(self)
+        try:
+            await self._conn.disconnect(nowait=True)
+        except _DRIVER_ERRORS:
+            pass
+
+    async def close(self) -> None:
+        if not self._closed:
+            await self._shutdown()
+
+
 class RedisStore:
     """Store on Redis (`cluster=False`) or Redis Cluster (`cluster=True`, url = a startup node)."""
 
     def __init__(self, url: str, *, cluster: bool = False, password: str | None = None,
-                 timeout_ms: int = 50, connect_timeout_ms: int = 500, max_connections: int = 64):
+                 timeout_ms: int = 50, connect_timeout_ms: int = 500, max_connections: int = 64,
+                 pubsub_ping_seconds: float = 5.0):
         if timeout_ms < 1 or connect_timeout_ms < 1 or max_connections < 1:
             raise ValueError("timeout_ms, connect_timeout_ms and max_connections must be >= 1")
+        if not pubsub_ping_seconds > 0:
+            raise ValueError("pubsub_ping_seconds must be > 0")
         self.name = "redis-cluster" if cluster else "redis"
         self._cluster = cluster
+        self._pubsub_ping_seconds = pubsub_ping_seconds
+        self._pong_timeout = max(1.0, timeout_ms / 1000)
+        # a subscription's handshake is off the request path: a loaded Redis that answers in
+        # 80 ms must not cost every replica its subscription (and a resync) each time
+        self._subscription_timeout = max(timeout_ms, connect_timeout_ms) / 1000
+        self._subscriptions: weakref.WeakSet[RedisSubscription] = weakref.WeakSet()
         self._discovery = asyncio.Lock()  # binds to a loop only when first contended
         self._discovery_failures = 0
         self._discovery_error: StoreError | None = None
@@ -216,6 +330,87 @@ class RedisStore:
             raise self._error("fixed_window_hit", exc) from exc
         return WindowResult(allowed == 1, count, max(0, limit - count), reset_ms)
 
+    async def zadd(self, key: str, member: str, score: float) -> None:
+        check_member(member)
+        score = check_score(score)
+        try:
+            if self._undiscovered():
+                await self._discover()
+            await self._client.zadd(key, {member: score})
+        except _DRIVER_ERRORS as exc:
+            raise self._error("zadd", exc) from exc
+
+    async def zrange_from(self, key: str, min_score: float) -> list[tuple[str, float]]:
+        min_score = check_bound(min_score)
+        found: dict[str, float] = {}   # ZSCAN may repeat a member while the set is rehashed
+        try:
+            if self._undiscovered():
+                await self._discover()
+            cursor = 0
+            while True:
+                cursor, page = await self._client.zscan(key, cursor, count=_ZSCAN_PAGE)
+                for member, score in page:
+                    if score >= min_score:
+                        found[member.decode()] = score
+                if cursor == 0:
+                    break
+        except _DRIVER_ERRORS as exc:
+            raise self._error("zrange_from", exc) from exc
+        return sorted(found.items(), key=lambda ms: (ms[1], ms[0]))
+
+    async def zrem_below(self, key: str, max_score: float) -> int:
+        max_score = check_bound(max_score)
+        try:
+            if self._undiscovered():
+                await self._discover()
+            return int(await self._client.zremrangebyscore(key, "-inf", _bound(max_score)))
+        except _DRIVER_ERRORS as exc:
+            raise self._error("zrem_below", exc) from exc
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        message = as_bytes(message)
+        try:
+            if self._undiscovered():
+                await self._discover()
+            await self._client.publish(channel, message)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("publish", exc) from exc
+
+    async def subscribe(self, channel: str) -> RedisSubscription:
+        conn: AbstractConnection | None = None
+        try:
+            if self._undiscovered():
+                await self._discover()
+            conn = self._new_connection()
+            await conn.connect()
+            await conn.send_command("SUBSCRIBE", channel, check_health=False)
+            reply = await conn.read_response(push_request=True)
+            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                raise rex.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+        except _DRIVER_ERRORS as exc:
+            if conn is not None:
+                try:
+                    await conn.disconnect(nowait=True)
+                except _DRIVER_ERRORS:
+                    pass
+            raise self._error("subscribe", exc) from exc
+        sub = RedisSubscription(self, channel, conn, self._pubsub_ping_seconds, self._pong_timeout)
+        self._subscriptions.add(sub)
+        return sub
+
+    def _new_connection(self) -> AbstractConnection:
+        """A connection outside the pools, configured as the pool's (auth, timeouts, TLS)."""
+        if self._cluster:
+            nodes = self._client.get_nodes()  # type: ignore[union-attr]
+            if not nodes:
+                raise rex.RedisClusterException("no cluster node known")
+            node = random.choice(nodes)
+            cls, kwargs = node.connection_class, node.connection_kwargs
+        else:
+            pool = self._client.connection_pool  # type: ignore[union-attr]
+            cls, kwargs = pool.connection_class, pool.connection_kwargs
+        return cls(**{**kwargs, "socket_timeout": self._subscription_timeout})
+
     async def ping(self) -> None:
         try:
             if self._undiscovered():
@@ -227,6 +422,8 @@ class RedisStore:
             raise StoreError(f"{self.name} ping: no PONG", transient=True)
 
     async def close(self) -> None:
+        for sub in list(self._subscriptions):
+            await sub.close()
         try:
             await self._client.aclose()
         except _DRIVER_ERRORS:

@@ -51,6 +51,21 @@ CONFIG_RELOADS = Counter(
 CONFIG_LOADED_AT = Gauge(
     "extproc_config_loaded_timestamp_seconds", "When the config in force was loaded.",
     multiprocess_mode="livemax")
+JWT_OK = Counter(
+    "gateway_jwt_validation_success_total", "Credentials verified (JWT or introspection), by provider.",
+    ["provider"])
+JWT_ERRORS = Counter(
+    "gateway_jwt_validation_errors_total", "Credentials rejected, by provider and reason.", ["provider", "reason"])
+AUTH_DECISIONS = Counter(
+    "gateway_auth_decisions_total", "Authentication/authorization outcomes by policy.", ["policy", "result"])
+AUTH_CACHE = Counter(
+    "extproc_auth_cache_total", "Decision-cache lookups for presented credentials (hit: no signature check).",
+    ["result"])
+REVOCATIONS = Counter(
+    "extproc_revocations_total", "Revocations recorded through this replica, by kind.", ["kind"])
+REVOCATION_COMPLETE = Gauge(
+    "extproc_revocation_list_complete", "1 while this replica's copy of the revocation list is believed complete.",
+    multiprocess_mode="livemin")
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 

@@ -381,7 +381,17 @@ def req(authorization: str | None = None, policy_name: str | None = "api", **hea
 
 def decide(r: Request, keyset: jwt.KeySet, ps: PolicySet | None = None, now: float = T,
            cache: jwt.TokenCache | None = None):
-    return policy.decide(r, ps or policies(), provs(keyset), now, cache)
+    """The servicer's path: select the policy, then services.identity decides."""
+    import asyncio
+
+    from extproc.services.identity import Identity
+
+    ps = ps or policies()
+    pol = ps.select(r.policy)
+    if pol is None:
+        return policy.unknown_policy(r.policy or "", ps)
+    ident = Identity(ps, dict(provs(keyset)), {}, token_cache=cache)
+    return asyncio.run(ident.decide(r, pol, now))
 
 
 def body(d) -> dict:
@@ -395,7 +405,7 @@ def test_missing_token_is_401_with_a_bare_challenge(keyset):
     assert ("www-authenticate", 'Bearer realm="extproc"') in d.headers
     assert ("content-type", "application/json") in d.headers
     assert body(d) == {"error": "unauthorized", "reason": "token_missing", "message": "a bearer token is required"}
-    assert d.policy == "api" and d.rule == "jwt"
+    assert d.policy == "api" and d.rule == "authn"
 
 
 def test_invalid_token_is_401_invalid_token(key, keyset):
@@ -417,7 +427,9 @@ def test_valid_token_allowed_with_subject_forwarded(key, keyset):
     d = decide(req(f"Bearer {key.mint('alice', now=T)}", x_jwt_sub="mallory"), keyset)
     assert d.allowed and d.reason is Reason.OK
     assert d.headers == ((FORWARD, "alice"),)
-    assert d.metadata == {"sub": "alice", "provider": "demo", "policy": "api"}
+    assert d.metadata == {"sub": "alice", "provider": "demo", "policy": "api", "auth": "jwt",
+                          "iss": "extproc-demo"}
+    assert "authorization" in d.remove_headers          # stripped unless the route keeps it
 
 
 def test_forward_header_removed_when_token_has_no_subject(key, keyset):
@@ -425,13 +437,13 @@ def test_forward_header_removed_when_token_has_no_subject(key, keyset):
     d = decide(req(f"Bearer {token}", x_jwt_sub="mallory"), keyset)
     assert d.allowed
     assert d.headers == ()
-    assert d.remove_headers == (FORWARD,)
+    assert d.remove_headers == (FORWARD, "authorization")
     assert d.metadata["sub"] == ""
 
 
 def test_non_string_subject_is_not_forwarded(key, keyset):
     d = decide(req(f"Bearer {rs256(key, claims(sub=12345))}"), keyset)
-    assert d.allowed and d.headers == () and d.remove_headers == (FORWARD,)
+    assert d.allowed and d.headers == () and d.remove_headers == (FORWARD, "authorization")
 
 
 def test_public_policy_allows_without_token(keyset):
@@ -476,7 +488,7 @@ def test_shadow_mode_allows_and_keeps_the_real_reason(key, keyset):
     d = decide(req(f"Bearer {key.mint('alice', now=T, audience='other')}", policy_name="api-shadow"), keyset)
     assert d.allowed and d.would_deny
     assert d.reason is Reason.JWT_BAD_AUDIENCE
-    assert d.policy == "api-shadow" and d.rule == "jwt"
+    assert d.policy == "api-shadow" and d.rule == "authn"
     assert d.headers == () and FORWARD in d.remove_headers   # nothing verified: nothing forwarded
     missing = decide(req(policy_name="api-shadow"), keyset)
     assert missing.allowed and missing.would_deny and missing.reason is Reason.TOKEN_MISSING
@@ -488,7 +500,7 @@ def test_shadow_mode_with_a_good_token_is_a_plain_allow(key, keyset):
 
 
 def test_keys_not_loaded_is_401_keys_unavailable(key):
-    d = policy.decide(req(f"Bearer {key.mint('alice', now=T)}"), policies(), provs(jwt.NO_KEYS), T)
+    d = decide(req(f"Bearer {key.mint('alice', now=T)}"), jwt.NO_KEYS)
     assert not d.allowed and d.status == 401 and d.reason is Reason.KEYS_UNAVAILABLE
 
 
