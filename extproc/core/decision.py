@@ -32,16 +32,18 @@ def allow(reason: Reason = Reason.OK, *, policy: str = "", rule: str = "",
                     rule=rule, would_deny=would_deny)
 
 
-def json_body(status: int, reason: Reason, message: str) -> bytes:
-    return json.dumps({"error": _STATUS_WORDS.get(status, "error"), "reason": reason.value,
-                       "message": message}, separators=(",", ":")).encode()
+def json_body(status: int, reason: Reason, message: str, rule: str = "") -> bytes:
+    body = {"error": _STATUS_WORDS.get(status, "error"), "reason": reason.value, "message": message}
+    if rule and reason is Reason.RULE_DENIED:
+        body["rule"] = rule             # the operator's rule name is the stable code for this deny
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def deny(status: int, reason: Reason, message: str, *, policy: str = "", rule: str = "",
          headers: tuple[tuple[str, str], ...] = ()) -> Decision:
     return Decision(False, reason, status=status,
                     headers=(("content-type", "application/json"), *headers),
-                    body=json_body(status, reason, message), policy=policy, rule=rule)
+                    body=json_body(status, reason, message, rule), policy=policy, rule=rule)
 
 
 _STATUS_WORDS = {401: "unauthorized", 403: "forbidden", 429: "too_many_requests",

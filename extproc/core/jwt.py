@@ -236,6 +236,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _with_kid(v: Verified, kid: str) -> Verified:
+    return Verified(v.claims, v.reason, v.detail, kid) if v.ok else v
+
+
 def verify(token: str, providers: Mapping[str, tuple[ProviderRules, KeySet]], now: float,
            cache: TokenCache | None = None) -> tuple[str | None, Verified]:
     """Verify `token` against one of `providers` (picked by issuer). Returns (provider, result)."""
@@ -247,7 +251,7 @@ def verify(token: str, providers: Mapping[str, tuple[ProviderRules, KeySet]], no
             name, claims, kid = hit
             entry = providers.get(name)
             if entry is not None and kid in entry[1].keys:
-                return name, check_claims(claims, entry[0], now)
+                return name, _with_kid(check_claims(claims, entry[0], now), kid)
     iss = unverified_issuer(token)
     if iss is None:
         return None, _fail(Reason.TOKEN_MALFORMED, "token cannot be decoded")
@@ -258,7 +262,7 @@ def verify(token: str, providers: Mapping[str, tuple[ProviderRules, KeySet]], no
         if not sig.ok:
             return name, sig
         assert sig.claims is not None
-        result = check_claims(sig.claims, rules, now)
+        result = _with_kid(check_claims(sig.claims, rules, now), sig.kid)
         if result.ok and cache is not None:
             cache.put(token, name, sig.claims, sig.kid)
         return name, result

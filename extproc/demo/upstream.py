@@ -173,6 +173,7 @@ class Upstream:
     def __init__(self, replica_id: str, key: idp.SigningKey, state_dir: Path | None = None) -> None:
         self.replica_id = replica_id
         self.key = key
+        self.retired_keys: list[idp.SigningKey] = []   # still published after a rotation until retired
         self.state_dir = state_dir
         self._introspection_secret: str | None = None
         self.opaque_tokens: dict[str, dict[str, Any]] = {}   # opaque token -> its introspection claims
@@ -498,7 +499,7 @@ class Upstream:
 
     async def jwks(self, request: web.Request) -> web.Response:
         # RFC 7517 §5: members a reader does not understand are ignored, so "replica" is safe here
-        return self.json(self.key.jwks(), cache=JWKS_CACHE)
+        return self.json(self.published_jwks(), cache=JWKS_CACHE)
 
     async def health(self, request: web.Request) -> web.Response:
         return self.json({"status": "ok"}, cache=NO_STORE)
@@ -573,6 +574,25 @@ class Upstream:
         total = sum(self.hits.values())
         self.hits.clear()
         return self.json({"reset": True, "previous_total": total}, cache=NO_STORE)
+
+    async def control_keys(self, request: web.Request) -> web.Response:
+        """Key rotation by hand: `rotate` signs new tokens with a fresh key (both published),
+        `retire` stops publishing every key but the current one. Test and demo aid."""
+        action = request.query.get("action", "")
+        if action == "rotate":
+            self.retired_keys.append(self.key)
+            self.key = idp.generate()
+            self._verify_key = jwt.PyJWK(self.key.jwk).key
+        elif action == "retire":
+            self.retired_keys.clear()
+        elif action != "":
+            return self.json({"error": "bad_request", "message": "action must be rotate or retire"}, status=400,
+                             cache=NO_STORE)
+        return self.json({"current": self.key.kid, "published": [k["kid"] for k in self.published_jwks()["keys"]]},
+                         cache=NO_STORE)
+
+    def published_jwks(self) -> dict:
+        return {"keys": [self.key.jwk, *(k.jwk for k in self.retired_keys)]}
 
     async def control_fail_list(self, request: web.Request) -> web.Response:
         return self.json({"failures": dict(self.failures)}, cache=NO_STORE)
@@ -686,6 +706,7 @@ def build_app(replica_id: str, key: idp.SigningKey, state_dir: Path | None = Non
     r.add_get("/_control/hits", upstream.control_hits)
     r.add_post("/_control/hits/reset", upstream.control_hits_reset)
     r.add_get("/_control/fail", upstream.control_fail_list)
+    r.add_route("*", "/_control/keys", upstream.control_keys)
     r.add_post("/_control/fail", upstream.control_fail)
     return app
 

@@ -131,6 +131,10 @@ class Identity:
                 granted_all.append(cached)
                 continue
             metrics.child(metrics.AUTH_CACHE, "miss").inc()
+            if plan.kind == "introspection" and errors and token.count(".") == 2:
+                # a JWT that a JWT provider of this policy already judged is not sent to an
+                # introspection endpoint: its own error (expired, bad signature...) is the answer
+                continue
             if plan.kind == "introspection":
                 g, failure = await self._introspect(req, policy, name, token, now, trace)
             else:
@@ -257,8 +261,10 @@ class Identity:
             return None, failure
         exp = claims.get("exp")
         # introspection results are cached by the introspector itself (bounded, never past exp);
-        # the decision cache keeps them no longer than that either
-        ttl_end = min(exp, now + 60.0) if isinstance(exp, int | float) else now + 5.0
+        # the decision cache keeps them no longer than that, so an IdP-side revocation takes
+        # effect within the introspection cache TTL
+        ttl = introspector.cfg.cache_ttl_seconds
+        ttl_end = min(exp, now + ttl) if isinstance(exp, int | float) else now + ttl
         return grant(policy, self.policies, principal, ttl_end, jti=jti, digest=digest), None
 
     async def _api_key(self, req: Request, policy: CompiledPolicy, now: float, trace: list[str] | None):

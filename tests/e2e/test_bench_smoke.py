@@ -1,6 +1,8 @@
 """scripts/bench runs end to end: its own Envoy, upstream and sidecar, wrk load, a JSON report.
 
-A smoke test only: it checks the bench produces numbers, never what the numbers are.
+A smoke test only: it checks the bench produces numbers, never what the numbers are, and that
+the fresh-token variant really sends a new token per request (extproc's decision cache misses)
+while the repeat-token variant is served from that cache.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ TIMEOUT_S = 90
 
 
 @pytest.mark.e2e
-def test_bench_quick_reports_both_variants(tmp_path: Path) -> None:
+def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.fail("wrk is not installed: run ./scripts/setup --system (it installs wrk)")
     out = tmp_path / "bench.json"
-    argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--variants", "plain,extproc_authz",
-            "--duration", "1", "--json", str(out)]
+    variants = {"plain", "extproc_authz", "extproc_authz_fresh"}
+    argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--variants", ",".join(sorted(variants)),
+            "--duration", "1", "--fresh-tokens", "5000", "--json", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
@@ -43,12 +46,21 @@ def test_bench_quick_reports_both_variants(tmp_path: Path) -> None:
 
     doc = json.loads(out.read_text())
     rows = {(s["variant"], s["concurrency"]): s for s in doc["summary"]}
-    assert {v for v, _ in rows} == {"plain", "extproc_authz"}, text
+    assert {v for v, _ in rows} == variants, text
     for (variant, conns), s in rows.items():
         assert s["rps"] > 0, f"{variant} c={conns}: no requests completed\n{text}"
-        if variant == "extproc_authz":
+        if variant.startswith("extproc_"):
             assert s["cpu_us_per_request"] is not None and s["cpu_us_per_request"] > 0, (
                 f"{variant} c={conns}: sidecar CPU not measured\n{text}")
+            assert s["auth_cache"] is not None, f"{variant} c={conns}: decision cache not read\n{text}"
         else:
             assert s["cpu_us_per_request"] is None
+    for conns in (1, 32):
+        repeat, fresh = rows[("extproc_authz", conns)], rows[("extproc_authz_fresh", conns)]
+        assert repeat["auth_cache"]["hit"] >= 0.9 * repeat["requests"], f"repeat token not cached\n{text}"
+        toks = fresh["tokens"]
+        assert toks is not None and toks["used"] >= fresh["requests"], f"fresh tokens not counted\n{text}"
+        # every request a new token: extproc verifies each one (a token reused from the pool may hit)
+        assert fresh["auth_cache"]["miss"] >= 0.9 * (fresh["requests"] - toks["reused"]), (
+            f"c={conns}: wrk's Lua did not rotate the token\n{text}")
     assert doc["meta"]["envoy_version"] and doc["meta"]["pinning"]

@@ -72,6 +72,7 @@ def http_status(url: str, timeout: float = 1.0, headers: dict[str, str] | None =
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
+        err.close()
         return err.code
 
 

@@ -46,7 +46,7 @@ def envoy_config(path: Path, mapping: dict[int, int]) -> dict:
     return rewrite_ports(yaml.safe_load(path.read_text()), mapping)
 
 
-def sidecar_config(*, listen_port: int, admin_port: int, upstream_port: int,
+def sidecar_config(*, listen_port: int, admin_port: int, upstream_port: int, state_dir: Path | None = None,
                    overrides: dict | None = None) -> dict:
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     cfg["server"]["listen"] = f"127.0.0.1:{listen_port}"
@@ -55,6 +55,14 @@ def sidecar_config(*, listen_port: int, admin_port: int, upstream_port: int,
     demo = cfg["providers"]["demo"]
     demo["jwks_uri"] = demo["jwks_uri"].replace(f":{UPSTREAM}/", f":{upstream_port}/")
     demo["retry_interval_seconds"] = 0.2
+    demo["unknown_kid_refetch_seconds"] = 0.5          # scaled down from 30 s
+    demo["refresh_interval_seconds"] = 1               # scaled down from 300 s
+    intro = cfg["providers"]["opaque"]["introspection"]
+    intro["endpoint"] = intro["endpoint"].replace(f":{UPSTREAM}/", f":{upstream_port}/")
+    intro["cache_ttl_seconds"] = 1                      # scaled down from 60 s
+    if state_dir is not None:
+        intro["client_secret_file"] = str(state_dir / "introspection-secret")
+    cfg["api_keys"]["cache_seconds"] = 0.5              # scaled down from 5 s
     for key, value in (overrides or {}).items():
         target = cfg
         *parents, last = key.split(".")
@@ -76,6 +84,7 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
     config_path: Path | None = None
     last_health_flags: list[str] = field(default_factory=list)
+    admin_token: str = field(default_factory=lambda: __import__("secrets").token_urlsafe(24))
 
     @property
     def external(self) -> str:
@@ -106,7 +115,7 @@ class Stack:
 
     def write_sidecar_config(self, overrides: dict | None = None) -> Path:
         cfg = sidecar_config(listen_port=self.ports["sidecar"], admin_port=self.ports["sidecar_admin"],
-                             upstream_port=self.ports["upstream"], overrides=overrides)
+                             upstream_port=self.ports["upstream"], state_dir=self.dir, overrides=overrides)
         path = self.dir / "extproc.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.config_path = path
@@ -116,7 +125,8 @@ class Stack:
                       name: str = "sidecar", wait_keys: bool = True) -> Proc:
         assert self.config_path is not None
         argv = [str(VENV_BIN / "extproc"), "serve", "--config", str(self.config_path), *(extra_args or [])]
-        p = Proc(name, argv, self.dir / "logs", env={"EXTPROC_STATE_DIR": str(self.dir), **(env or {})})
+        p = Proc(name, argv, self.dir / "logs", env={"EXTPROC_STATE_DIR": str(self.dir),
+                                                     "EXTPROC_ADMIN_TOKEN": self.admin_token, **(env or {})})
         self.procs["sidecar"] = p
 
         def ready() -> bool:
