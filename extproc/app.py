@@ -93,6 +93,7 @@ def compile_policies(cfg: cfgmod.Config) -> PolicySet:
                 api_key_headers.append((what, header))
                 strip.add(header)
     query_names = frozenset(s.name for plan in plans.values() for s in plan.sources if s.kind == "query")
+    query_names |= frozenset(s.name for s in api_key_sources if s.kind == "query")
     return PolicySet(policies=pols, default=cfg.default_policy, unknown_allows=cfg.unknown_policy == "allow",
                      providers=plans, api_key_sources=api_key_sources, api_key_headers=tuple(api_key_headers),
                      strip_headers=tuple(sorted(strip)), credential_query_params=query_names)

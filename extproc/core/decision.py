@@ -18,6 +18,7 @@ class Decision:
     status: int = 200                                   # HTTP status when denied
     headers: tuple[tuple[str, str], ...] = ()           # to add (to the request if allowed, the reply if denied)
     remove_headers: tuple[str, ...] = ()                # request headers to strip when allowed
+    remove_query: tuple[str, ...] = ()                  # query parameters to strip when allowed
     body: bytes = b""
     metadata: dict[str, str] = field(default_factory=dict)   # dynamic metadata for later filters
     policy: str = ""

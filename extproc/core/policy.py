@@ -190,9 +190,10 @@ def grant(policy: CompiledPolicy, policies: PolicySet, principal: Principal, exp
                    expires_at, kid, jti, digest, iat)
 
 
-def allow_granted(policy: CompiledPolicy, g: Granted, rule: str = "") -> Decision:
-    return Decision(True, Reason.OK, headers=g.headers, remove_headers=g.remove, metadata=g.metadata,
-                    policy=policy.name, rule=rule or "authn")
+def allow_granted(policy: CompiledPolicy, g: Granted, rule: str = "",
+                  remove_query: tuple[str, ...] = ()) -> Decision:
+    return Decision(True, Reason.OK, headers=g.headers, remove_headers=g.remove, remove_query=remove_query,
+                    metadata=g.metadata, policy=policy.name, rule=rule or "authn")
 
 
 def allow_public(policy: CompiledPolicy, policies: PolicySet, rule: str = "") -> Decision:

@@ -65,7 +65,8 @@ def to_check_response(d: Decision, timing_header: str | None = None) -> pb.Check
     if d.allowed:
         if not d.headers and not d.remove_headers and not d.metadata and timing_header is None:
             return _PLAIN_OK
-        ok = pb.OkHttpResponse(headers=_header_options(d.headers), headers_to_remove=list(d.remove_headers))
+        ok = pb.OkHttpResponse(headers=_header_options(d.headers), headers_to_remove=list(d.remove_headers),
+                               query_parameters_to_remove=list(d.remove_query))
         if timing_header is not None:
             ok.response_headers_to_add.append(base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key="server-timing", value=timing_header),

@@ -89,7 +89,10 @@ class Identity:
             return denied
         if policy.revoke_presented and self.revocations is not None and credential:
             await self._revoke_presented(granted, credential, now)
-        return allow_granted(policy, granted)
+        # a credential sent as a query parameter never reaches the upstream (or its access logs)
+        names = self.policies.credential_query_params
+        remove_query = tuple(n for n in names if n in req.path) if names and "?" in req.path else ()
+        return allow_granted(policy, granted, remove_query=remove_query)
 
     def _rules(self, req: Request, policy: CompiledPolicy, principal: Principal,
                trace: list[str] | None) -> Decision | None:

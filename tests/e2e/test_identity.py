@@ -57,6 +57,22 @@ def test_token_from_cookie(stack, token):
     assert r.status == 200
 
 
+def test_token_from_query_never_reaches_the_upstream(stack, token):
+    r = get(f"{stack.external}/api/echo?page=2&access_token={token}")
+    assert r.status == 200
+    assert r.json()["query"] == {"page": "2"}
+    assert token not in r.body.decode()
+
+
+def test_access_log_carries_the_decision_not_the_token(stack, token):
+    r = get(f"{stack.external}/api/products/1?marker=accesslog", token)
+    rid = r.header("x-request-id")
+    wait_until(lambda: rid in stack.procs["envoy"].log_text(), what="the access log line")
+    line = next(json.loads(ln) for ln in stack.procs["envoy"].log_text().splitlines() if rid in ln)
+    assert line["sub"] == "alice" and line["policy"] == "api" and line["auth"] == "jwt"
+    assert token not in stack.procs["envoy"].log_text()
+
+
 def test_two_different_tokens_are_refused_not_picked(stack, token):
     other = login(stack, "bob")
     r = get(f"{stack.external}/api/products/1", token, headers={"cookie": f"access_token={other}"})

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import urllib.request
 import time
 from collections import Counter
 
 import pytest
 
 from extproc.demo import idp
-from tests.support.http import get
+from tests.support.http import get, request
 from tests.support.procs import free_consecutive, http_status, wait_until
 from tests.support.redis_servers import RedisServer
 from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
@@ -166,8 +167,6 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
                 raise AssertionError(f"{exc}: {s.last_health_flags}") from None
         assert set(Counter(load.statuses)) == {200}, Counter(load.statuses)
         # one /metrics on the supervisor's admin port aggregates every worker's decisions
-        import urllib.request
-
         with urllib.request.urlopen(f"{s.sidecar_admin}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         allowed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -187,6 +186,28 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
         assert set(load.statuses[killed_at:]) == {200}
         wait_until(lambda: workers()["worker_pids"]["0"] != pids["0"] and both_up(), what="worker 0 restarted")
         assert sup.alive()
+
+        # a logout on one worker is honoured by every worker (Redis pub/sub): Envoy spreads the
+        # next requests over both, and none of them may accept the revoked token
+        wait_until(s.sidecar_hosts_healthy, timeout=20, what="envoy seeing both workers healthy")
+        victim = idp.load_or_create(s.dir).mint("bob")
+        assert get(f"{s.external}/api/products/1", victim).status == 200
+        assert request("POST", f"{s.external}/api/auth/logout", {"Authorization": f"Bearer {victim}"}).status == 204
+        # the bound is the pub/sub latency (milliseconds): poll briefly, then it must hold everywhere
+        wait_until(lambda: all(get(f"{s.external}/api/products/1", victim).status == 401 for _ in range(4)),
+                   timeout=5, what="the logout seen by both workers")
+        statuses = [get(f"{s.external}/api/products/1", victim).status for _ in range(20)]
+        assert set(statuses) == {401}, statuses
+        # and an admin revocation through the supervisor's admin API reaches the workers too
+        other = idp.load_or_create(s.dir).mint("carol")
+        assert get(f"{s.external}/api/products/1", other).status == 200
+        req = urllib.request.Request(f"{s.sidecar_admin}/revoke", data=b'{"sub": "carol"}', method="POST",
+                                     headers={"Authorization": f"Bearer {s.admin_token}",
+                                              "content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+        wait_until(lambda: all(get(f"{s.external}/api/products/1", other).status == 401 for _ in range(6)),
+                   timeout=10, what="the subject revocation on both workers")
     finally:
         s.stop()
         redis.stop()
