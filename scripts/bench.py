@@ -3,18 +3,26 @@
 
 One Envoy (`--concurrency 1`) gets one listener per variant, all routing to one demo upstream:
 
-  plain            (a) Envoy straight to the upstream
-  native           (b) Envoy's jwt_authn (RS256, inline JWKS) + local_ratelimit (bucket never empty)
-  floor_authz      (c) ext_authz to bench_floor.py (Check always OK)
-  floor_ext_proc       ext_proc to bench_floor.py (CONTINUE on request and response headers)
-  floor_both           ext_authz then ext_proc, both to bench_floor.py
-  extproc_authz    (d) ext_authz to extproc, policy `api` (JWT RS256, keys from a jwks_file)
-  extproc_ext_proc (e) ext_proc to extproc (request + response headers SEND, as envoy/envoy.yaml)
-  extproc_both     (f) ext_authz then ext_proc to extproc, as envoy/envoy.yaml
+  plain                (a) Envoy straight to the upstream
+  native               (b) Envoy's jwt_authn (RS256, inline JWKS) + local_ratelimit (bucket never empty)
+  native_es256         (i) the same, ES256 key and token
+  native_fresh         (j) the same as native, a different RS256 token on every request
+  floor_authz          (c) ext_authz to bench_floor.py (Check always OK)
+  floor_ext_proc           ext_proc to bench_floor.py (CONTINUE on request and response headers)
+  floor_both               ext_authz then ext_proc, both to bench_floor.py
+  extproc_authz        (d) ext_authz to extproc, policy `api` (JWT RS256, keys from a jwks_file)
+  extproc_authz_es256  (g) ext_authz to extproc, policy `api-es256` (JWT ES256), repeat token
+  extproc_authz_fresh  (h) ext_authz to extproc, policy `api`, a different RS256 token per request
+  extproc_ext_proc     (e) ext_proc to extproc (request + response headers SEND, as envoy/envoy.yaml)
+  extproc_both         (f) ext_authz then ext_proc to extproc, as envoy/envoy.yaml
 
-Every request of every variant carries the same `Authorization: Bearer` token, so the header
-bytes are the same everywhere. wrk drives each variant at c=1 and c=32 for `--duration` seconds;
-the sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat around each load. The
+Every request carries an `Authorization: Bearer` token: the same RS256 token on every variant
+except the ES256 ones (one ES256 token) and the fresh ones, whose wrk Lua script takes the next
+token of a pre-minted pool (`--fresh-tokens`, RS256, same claims shape) for every request, each
+variant its own sequence continued across loads, so no token repeats until the pool runs out
+(the report says how many were reused). wrk drives each variant at c=1 and c=32 for
+`--duration` seconds; the sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat
+around each load, and `cpu/floor` divides it by the floor's of the same filter shape. The
 filter and cluster settings follow envoy/envoy.yaml (status_on_error 503, timeouts, retry policy,
 HTTP/2 sidecar clusters); active health checks and outlier detection are left out, as they do
 nothing on a healthy single endpoint. The bootstrap is generated into a temp dir (`--keep` keeps
@@ -53,6 +61,8 @@ TARGET_PATH = "/api/products/1"
 ISSUER = "extproc-bench"
 AUDIENCE = "extproc-bench-api"
 CONCURRENCY = ((1, 1), (32, 2))          # (connections, wrk threads)
+FRESH_TOKENS = 20_000                    # default pool for the fresh-token variants
+MINT_ESTIMATE_S = 0.0004                 # RS256 signature per pooled token (2048-bit key)
 ERROR_FLAG_RATIO = 0.01
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STARTUP_ESTIMATE_S = 8
@@ -73,16 +83,28 @@ class Variant:
     sidecar: str | None           # which gRPC process serves the filters: "extproc", "floor", None
     floor: str | None = None      # the floor variant of the same shape
     denies_without_token: bool = False
+    key: str = "rs256"            # which signing key's token the requests carry: "rs256", "es256"
+    fresh: bool = False           # a different token on every request (the pool), not one repeat token
+    policy: str = "api"           # ext_authz context_extensions `policy` on the listener's route
+    native: str = "native"        # Envoy's jwt_authn variant on the same tokens (for %native)
 
 
 VARIANTS = (
     Variant("plain", "a", "Envoy -> upstream", (), None),
     Variant("native", "b", "Envoy jwt_authn + local_ratelimit", ("native",), None, denies_without_token=True),
+    Variant("native_es256", "i", "Envoy jwt_authn ES256 + local_ratelimit", ("native",), None,
+            denies_without_token=True, key="es256", native="native_es256"),
+    Variant("native_fresh", "j", "Envoy jwt_authn, fresh RS256 token per request", ("native",), None,
+            denies_without_token=True, fresh=True, native="native_fresh"),
     Variant("floor_authz", "c", "floor ext_authz (always OK)", ("authz",), "floor"),
     Variant("floor_ext_proc", "", "floor ext_proc (CONTINUE)", ("ext_proc",), "floor"),
     Variant("floor_both", "", "floor ext_authz + ext_proc", ("authz", "ext_proc"), "floor"),
     Variant("extproc_authz", "d", "extproc ext_authz (policy api)", ("authz",), "extproc", "floor_authz",
             denies_without_token=True),
+    Variant("extproc_authz_es256", "g", "extproc ext_authz ES256 (policy api-es256)", ("authz",), "extproc",
+            "floor_authz", denies_without_token=True, key="es256", policy="api-es256", native="native_es256"),
+    Variant("extproc_authz_fresh", "h", "extproc ext_authz, fresh RS256 token per request", ("authz",), "extproc",
+            "floor_authz", denies_without_token=True, fresh=True, native="native_fresh"),
     Variant("extproc_ext_proc", "e", "extproc ext_proc", ("ext_proc",), "extproc", "floor_ext_proc"),
     Variant("extproc_both", "f", "extproc ext_authz + ext_proc", ("authz", "ext_proc"), "extproc", "floor_both",
             denies_without_token=True),
@@ -261,7 +283,11 @@ _SIDECAR_RETRY = {"retry_on": "connect-failure,refused-stream,reset", "num_retri
                   "host_selection_retry_max_attempts": 3}
 
 
-def _http_filters(v: Variant, jwks: dict) -> list[dict]:
+def _rl_prefix(v: Variant) -> str:
+    return f"bench_local_rl_{v.name}"
+
+
+def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
     cluster = "floor" if v.sidecar == "floor" else "extproc"
     grpc_service = {"envoy_grpc": {"cluster_name": cluster}, "timeout": "0.5s", "retry_policy": _SIDECAR_RETRY}
     out: list[dict] = []
@@ -271,14 +297,14 @@ def _http_filters(v: Variant, jwks: dict) -> list[dict]:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
                 "providers": {"bench": {
                     "issuer": ISSUER, "audiences": [AUDIENCE],
-                    "local_jwks": {"inline_string": json.dumps(jwks)},
+                    "local_jwks": {"inline_string": json.dumps(jwks[v.key])},
                     "clock_skew_seconds": 30,
                     # the same work as extproc's claims_to_headers
                     "claim_to_headers": [{"header_name": "x-jwt-sub", "claim_name": "sub"}]}},
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}]}})
             out.append({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-                "stat_prefix": "bench_local_rl",
+                "stat_prefix": _rl_prefix(v),
                 # a bucket that never empties during the run: the check is paid, nothing is rejected
                 "token_bucket": {"max_tokens": 100_000_000, "tokens_per_fill": 100_000_000,
                                  "fill_interval": "1s"},
@@ -314,7 +340,7 @@ def _route(v: Variant) -> dict:
     if "authz" in v.filters:
         per_filter["envoy.filters.http.ext_authz"] = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-            "check_settings": {"context_extensions": {"policy": "api"}}}
+            "check_settings": {"context_extensions": {"policy": v.policy}}}
     if "ext_proc" in v.filters:
         per_filter["envoy.filters.http.ext_proc"] = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -324,7 +350,7 @@ def _route(v: Variant) -> dict:
     return route
 
 
-def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict) -> dict:
+def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]) -> dict:
     listeners = []
     for v in variants:
         listeners.append({
@@ -357,24 +383,29 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict) -> dict:
     }
 
 
-def sidecar_config(ports: Ports, jwks_path: Path) -> dict:
+def sidecar_config(ports: Ports, jwks_paths: dict[str, Path]) -> dict:
     return {
         "server": {"listen": f"127.0.0.1:{ports.sidecar}", "workers": 1, "max_in_flight": 512,
                    "shutdown_grace_seconds": 1, "drain_delay_seconds": 0},
         "admin": {"listen": f"127.0.0.1:{ports.sidecar_admin}", "token_env": None},
         "store": {"memory": {"max_keys": 100000}},
-        "providers": {"bench": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"],
-                                "jwks_file": str(jwks_path), "leeway_seconds": 30,
-                                "claims_to_headers": {"sub": "x-jwt-sub"}}},
+        "providers": {
+            "bench": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"],
+                      "jwks_file": str(jwks_paths["rs256"]), "leeway_seconds": 30,
+                      "claims_to_headers": {"sub": "x-jwt-sub"}},
+            "bench-es256": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["ES256"],
+                            "jwks_file": str(jwks_paths["es256"]), "leeway_seconds": 30,
+                            "claims_to_headers": {"sub": "x-jwt-sub"}}},
         "policies": {"api": {"mode": "enforce", "auth": {"providers": ["bench"]}},
+                     "api-es256": {"mode": "enforce", "auth": {"providers": ["bench-es256"]}},
                      "public": {"auth": "none"}},
         "default_policy": "api",
         "unknown_policy": "deny",
     }
 
 
-WRK_LUA = r"""
-done = function(summary, latency, requests)
+_REPORT_LUA = r"""
+function report(summary, latency)
   local e = summary.errors
   io.write(string.format(
     'BENCHJSON {"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,"connect":%.0f,"read":%.0f,' ..
@@ -386,6 +417,131 @@ done = function(summary, latency, requests)
 end
 """
 
+# one repeat token: wrk sends the -H header, a static request (no request() hook)
+WRK_LUA = _REPORT_LUA + r"""
+done = function(summary, latency, requests)
+  report(summary, latency)
+end
+"""
+
+# a fresh token per request. Arguments after `--`: pool file, offset, stride (= wrk threads).
+# Thread t sends pool[offset + t], pool[offset + t + stride], ... (wrapping at the pool's end),
+# so the threads never share a token and the bench can continue the sequence on the next load
+# from the per-thread counts printed by done(). wrk calls request() once more on thread 0 to
+# check the request it builds: that token is counted as used but never sent.
+WRK_FRESH_LUA = _REPORT_LUA + r"""
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local path = args[1]
+  offset, stride = tonumber(args[2]), tonumber(args[3])
+  pool = {}
+  for line in io.lines(path) do
+    if #line > 0 then pool[#pool + 1] = line end
+  end
+  if #pool == 0 or not offset or not stride then
+    error("usage: wrk ... -s fresh.lua URL -- POOL_FILE OFFSET STRIDE")
+  end
+  nexti = offset + tid
+  used = 0
+  hdrs = {}
+  for k, v in pairs(wrk.headers) do hdrs[k] = v end
+end
+
+function request()
+  hdrs["Authorization"] = "Bearer " .. pool[(nexti % #pool) + 1]
+  nexti = nexti + stride
+  used = used + 1
+  return wrk.format(nil, nil, hdrs)
+end
+
+done = function(summary, latency, requests)
+  report(summary, latency)
+  local used = {}
+  for i, t in ipairs(threads) do used[i] = string.format("%d", t:get("used")) end
+  io.write('BENCHTOKENS {"used":[' .. table.concat(used, ",") .. ']}\n')
+end
+"""
+
+
+# -- keys and tokens -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchKey:
+    """A signing key of the run: RS256 (the demo IdP's kind) or ES256 (EC P-256)."""
+    name: str            # "rs256" or "es256"
+    alg: str
+    private: Any         # a cryptography private key object (loaded once: reloading a PEM per token is slow)
+    kid: str
+    jwk: dict
+
+    def jwks(self) -> dict:
+        return {"keys": [self.jwk]}
+
+    def mint(self, ttl_seconds: int, now: float | None = None) -> str:
+        """The claims shape of extproc.demo.idp.SigningKey.mint: every token has the same length."""
+        import uuid
+
+        import jwt
+
+        iat = int(time.time() if now is None else now)
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench-user", "iat": iat, "nbf": iat,
+                  "exp": iat + ttl_seconds, "jti": uuid.uuid4().hex}
+        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid})
+
+
+def _thumbprint(members: dict[str, str]) -> str:
+    # RFC 7638: SHA-256 over the required members, sorted, no whitespace
+    import base64
+    import hashlib
+
+    canon = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(canon).digest()).rstrip(b"=").decode()[:16]
+
+
+def generate_keys() -> dict[str, BenchKey]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    from extproc.demo import idp
+
+    rsa_key = idp.generate()
+    rs = BenchKey("rs256", "RS256", serialization.load_pem_private_key(rsa_key.private_pem, password=None),
+                  rsa_key.kid, rsa_key.jwk)
+    ec_private = ec.generate_private_key(ec.SECP256R1())
+    ec_jwk: dict[str, Any] = ECAlgorithm.to_jwk(ec_private.public_key(), as_dict=True)
+    kid = _thumbprint({k: ec_jwk[k] for k in ("crv", "kty", "x", "y")})
+    ec_jwk.update({"kid": kid, "alg": "ES256", "use": "sig"})
+    return {"rs256": rs, "es256": BenchKey("es256", "ES256", ec_private, kid, ec_jwk)}
+
+
+@dataclass
+class FreshSequence:
+    """Where one fresh-token variant is in the pool, and which pool tokens it has already sent.
+
+    Each variant has its own sequence (its own verifier: extproc's caches or Envoy's), continued
+    across warm-ups, concurrencies and rounds; a token is reused only after the pool ran out."""
+    pool: int
+    offset: int = 0
+    seen: set[int] = field(default_factory=set)
+
+    def advance(self, used_per_thread: list[int]) -> dict[str, int]:
+        stride = len(used_per_thread)
+        idx = [(self.offset + t + k * stride) % self.pool for t, n in enumerate(used_per_thread) for k in range(n)]
+        new = set(idx) - self.seen
+        top = max((self.offset + t + (n - 1) * stride for t, n in enumerate(used_per_thread) if n), default=None)
+        if top is not None:
+            self.offset = top + 1
+        self.seen |= new
+        return {"used": len(idx), "distinct": len(set(idx)), "reused": len(idx) - len(new),
+                "pool": self.pool, "cycled": self.offset > self.pool}
+
 
 # -- the run -------------------------------------------------------------------------------------
 
@@ -393,16 +549,24 @@ end
 class Stack:
     tmp: Path
     ports: Ports
-    token: str
+    tokens: dict[str, str]        # key name -> the repeat token
     envoy: Proc
     upstream: Proc
     sidecar: Proc | None
     floor: Proc | None
     lua: Path
     envoy_version: str
+    fresh_lua: Path | None = None
+    fresh_pool: Path | None = None
+    fresh_check_token: str = ""   # minted like the pool, kept out of it: verify() sends it
+    fresh_pool_size: int = 0
+    fresh: dict[str, FreshSequence] = field(default_factory=dict)
 
     def server_of(self, v: Variant) -> Proc | None:
         return {"extproc": self.sidecar, "floor": self.floor}.get(v.sidecar or "")
+
+    def check_token(self, v: Variant) -> str:
+        return self.fresh_check_token if v.fresh else self.tokens[v.key]
 
     def url(self, v: Variant) -> str:
         return f"http://127.0.0.1:{self.ports.listeners[v.name]}{TARGET_PATH}"
@@ -423,17 +587,31 @@ _EVENT_WORDS = ("4xx", "5xx", "error", "denied", "timeout", "failed", "failure",
 
 
 def event_stats(stack: Stack, v: Variant) -> dict[str, int]:
-    regex = rf"^(http\.{v.name}\.|bench_local_rl\.)" if "native" in v.filters else rf"^http\.{v.name}\."
+    regex = rf"^(http\.{v.name}\.|{_rl_prefix(v)}\.)" if "native" in v.filters else rf"^http\.{v.name}\."
     if v.sidecar:
         regex = rf"({regex}|^cluster\.{v.sidecar}\.)"
     stats = envoy_stats(stack.ports.envoy_admin, regex)
     return {k: n for k, n in stats.items() if any(w in k for w in _EVENT_WORDS) and "_ms" not in k}
 
 
-def start_stack(variants: list[Variant], tmp: Path, token_ttl: int) -> tuple[Stack, list[Proc]]:
+def sidecar_auth_cache(port: int) -> dict[str, float]:
+    """extproc's decision-cache lookups so far (`extproc_auth_cache_total` by result), from its admin API."""
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    if status != 200:
+        raise BenchError(f"extproc admin /metrics answered {status}")
+    out: dict[str, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("extproc_auth_cache_total{"):
+            labels, _, value = line.rpartition(" ")
+            result = labels.split('result="', 1)[1].split('"', 1)[0] if 'result="' in labels else ""
+            out[result] = out.get(result, 0.0) + float(value)
+    return out
+
+
+def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
+                fresh_tokens: int) -> tuple[Stack, list[Proc]]:
     """Start upstream, sidecar, floor and Envoy; returns the stack and every Proc started."""
     from extproc import config as cfgmod
-    from extproc.demo import idp
 
     started: list[Proc] = []
     need_sidecar = any(v.sidecar == "extproc" for v in variants)
@@ -441,13 +619,29 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int) -> tuple[Sta
     p = free_ports(5 + len(variants))
     ports = Ports(envoy_admin=p[0], upstream=p[1], sidecar=p[2], sidecar_admin=p[3], floor=p[4],
                   listeners={v.name: p[5 + i] for i, v in enumerate(variants)})
-    key = idp.generate()
-    jwks = key.jwks()
-    token = key.mint("bench-user", ttl_seconds=token_ttl, issuer=ISSUER, audience=AUDIENCE)
-    jwks_path = tmp / "jwks.json"
-    jwks_path.write_text(json.dumps(jwks))
+    keys = generate_keys()
+    jwks = {name: k.jwks() for name, k in keys.items()}
+    tokens = {name: k.mint(token_ttl) for name, k in keys.items()}
+    jwks_paths = {name: tmp / f"jwks-{name}.json" for name in keys}
+    for name, path in jwks_paths.items():
+        path.write_text(json.dumps(jwks[name]))
     lua = tmp / "report.lua"
     lua.write_text(WRK_LUA)
+    fresh_variants = [v for v in variants if v.fresh]
+    fresh_lua = fresh_pool = None
+    check_token = ""
+    if fresh_variants:
+        t0 = time.monotonic()
+        print(f"minting {fresh_tokens:,} RS256 tokens for {', '.join(v.name for v in fresh_variants)} ...",
+              end="", flush=True)
+        now = time.time()
+        pool = [keys["rs256"].mint(token_ttl, now) for _ in range(fresh_tokens + 1)]
+        check_token = pool.pop()
+        fresh_pool = tmp / "fresh-tokens.txt"
+        fresh_pool.write_text("\n".join(pool) + "\n")
+        print(f" {time.monotonic() - t0:.1f} s", flush=True)
+        fresh_lua = tmp / "fresh.lua"
+        fresh_lua.write_text(WRK_FRESH_LUA)
 
     envoy_bin = VENV_BIN / "envoy"
     version = subprocess.run([str(envoy_bin), "--version"], capture_output=True, text=True, check=True).stdout
@@ -463,7 +657,7 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int) -> tuple[Sta
         sidecar = floor = None
         if need_sidecar:
             cfg_path = tmp / "extproc.yaml"
-            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_path), sort_keys=False))
+            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_paths), sort_keys=False))
             try:
                 cfgmod.load(cfg_path)
             except cfgmod.ConfigError as exc:
@@ -493,23 +687,30 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int) -> tuple[Sta
         for proc in reversed(started):
             proc.stop()
         raise
-    stack = Stack(tmp, ports, token, envoy, upstream, sidecar, floor, lua, version)
+    stack = Stack(tmp, ports, tokens, envoy, upstream, sidecar, floor, lua, version,
+                  fresh_lua=fresh_lua, fresh_pool=fresh_pool, fresh_check_token=check_token,
+                  fresh_pool_size=fresh_tokens if fresh_variants else 0,
+                  fresh={v.name: FreshSequence(fresh_tokens) for v in fresh_variants})
     return stack, started
 
 
 def verify(stack: Stack, variants: list[Variant]) -> None:
-    """Each variant answers 200 with the token and goes through the filters it claims."""
-    auth = {"Authorization": f"Bearer {stack.token}"}
+    """Each variant answers 200 with its token and goes through the filters it claims."""
     before = envoy_stats(stack.ports.envoy_admin)
     problems = []
     for v in variants:
-        status, body = http_get(stack.url(v), auth)
+        status, body = http_get(stack.url(v), {"Authorization": f"Bearer {stack.check_token(v)}"})
         if status != 200:
             problems.append(f"{v.name}: GET {TARGET_PATH} with the token answered {status}: {body[:200]!r}")
         if v.denies_without_token:
             status, body = http_get(stack.url(v))
             if status != 401:
                 problems.append(f"{v.name}: GET {TARGET_PATH} without a token answered {status}, expected 401")
+        if v.key == "es256" and v.denies_without_token:
+            # the listener must reach the ES256-only provider: an RS256 token is refused there
+            status, body = http_get(stack.url(v), {"Authorization": f"Bearer {stack.tokens['rs256']}"})
+            if status != 401:
+                problems.append(f"{v.name}: an RS256 token answered {status}, expected 401 (ES256 only)")
     after = envoy_stats(stack.ports.envoy_admin)
 
     def grew(name: str) -> bool:
@@ -518,7 +719,7 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
     for v in variants:
         expect = []
         if "native" in v.filters:
-            expect += [f"http.{v.name}.jwt_authn.allowed", "bench_local_rl.http_local_rate_limit.ok"]
+            expect += [f"http.{v.name}.jwt_authn.allowed", f"{_rl_prefix(v)}.http_local_rate_limit.ok"]
         if "authz" in v.filters:
             expect.append(f"http.{v.name}.ext_authz.ok")
         if "ext_proc" in v.filters:
@@ -538,6 +739,7 @@ class WrkResult:
     p90_ms: float
     p99_ms: float
     errors: dict[str, int]
+    tokens_used: list[int] | None = None      # fresh variants: pool tokens taken, per wrk thread
 
     @property
     def rps(self) -> float:
@@ -550,8 +752,14 @@ class WrkResult:
 
 def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str],
             log: Path) -> WrkResult:
-    argv = [*pin, "wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s",
-            "-s", str(stack.lua), "-H", f"Authorization: Bearer {stack.token}", stack.url(v)]
+    argv = [*pin, "wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s"]
+    if v.fresh:
+        assert stack.fresh_lua is not None and stack.fresh_pool is not None
+        seq = stack.fresh[v.name]
+        argv += ["-s", str(stack.fresh_lua), stack.url(v), "--", str(stack.fresh_pool), str(seq.offset),
+                 str(threads)]
+    else:
+        argv += ["-s", str(stack.lua), "-H", f"Authorization: Bearer {stack.tokens[v.key]}", stack.url(v)]
     with open(log, "ab") as out:
         out.write(f"\n== {v.name} c={conns} {seconds}s\n".encode())
         out.flush()
@@ -566,13 +774,26 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         out.write(stdout)
     if proc.returncode != 0:
         raise BenchError(f"wrk failed on {v.name} (exit {proc.returncode}); see {log}")
+    result = None
+    used = None
     for line in stdout.decode(errors="replace").splitlines():
         if line.startswith("BENCHJSON "):
             d = json.loads(line[len("BENCHJSON "):])
-            return WrkResult(requests=int(d["requests"]), seconds=d["duration_us"] / 1e6,
-                             p50_ms=d["p50_us"] / 1000, p90_ms=d["p90_us"] / 1000, p99_ms=d["p99_us"] / 1000,
-                             errors={k: int(d[k]) for k in ("connect", "read", "write", "status", "timeout")})
-    raise BenchError(f"wrk printed no report for {v.name}; see {log}")
+            result = WrkResult(requests=int(d["requests"]), seconds=d["duration_us"] / 1e6,
+                               p50_ms=d["p50_us"] / 1000, p90_ms=d["p90_us"] / 1000, p99_ms=d["p99_us"] / 1000,
+                               errors={k: int(d[k]) for k in ("connect", "read", "write", "status", "timeout")})
+        elif line.startswith("BENCHTOKENS "):
+            used = [int(n) for n in json.loads(line[len("BENCHTOKENS "):])["used"]]
+    if result is None:
+        raise BenchError(f"wrk printed no report for {v.name}; see {log}")
+    if v.fresh:
+        if used is None or len(used) != threads:
+            raise BenchError(f"wrk's fresh-token script reported no token counts for {v.name}; see {log}")
+        if sum(used) < result.requests:
+            raise BenchError(f"{v.name}: wrk completed {result.requests} requests but took only {sum(used)} "
+                             "tokens: the Lua request() hook did not rotate the token")
+        result.tokens_used = used
+    return result
 
 
 def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str]) -> dict:
@@ -581,11 +802,18 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     for name, proc in watched.items():
         if proc is not None and not proc.alive():
             raise BenchError(f"{name} ({proc.name}) died:\n{proc.log_tail()}")
+    # the sidecar's cache counters are read outside the CPU window (the scrape costs it CPU)
+    cached = server is stack.sidecar and server is not None and "authz" in v.filters
+    ac0 = sidecar_auth_cache(stack.ports.sidecar_admin) if cached else {}
+    jc_regex = rf"^http\.{v.name}\.jwt_authn\.jwt_cache_(hit|miss)$"
+    jc0 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     ev0 = event_stats(stack, v)
     cpu0 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
     res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk.log")
     cpu1 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
     ev1 = event_stats(stack, v)
+    ac1 = sidecar_auth_cache(stack.ports.sidecar_admin) if cached else {}
+    jc1 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     events = {k: n - ev0.get(k, 0) for k, n in sorted(ev1.items()) if n - ev0.get(k, 0)}
     per_req = {name: ((cpu1[name] - cpu0[name]) * 1e6 / res.requests if res.requests else None) for name in cpu0}
     row: dict[str, Any] = {
@@ -600,6 +828,14 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         "sidecar_process": server.name if server else None,
         "rss_mb": None, "hwm_mb": None,
         "envoy_events": events,
+        "auth_cache": ({k: int(ac1.get(k, 0) - ac0.get(k, 0)) for k in ("hit", "miss")} if cached else None),
+        # Envoy's own JWT cache (only with jwt_cache_config; 0 / 0 means every token was verified)
+        "jwt_cache": ({k: jc1.get(f"http.{v.name}.jwt_authn.jwt_cache_{k}", 0)
+                       - jc0.get(f"http.{v.name}.jwt_authn.jwt_cache_{k}", 0) for k in ("hit", "miss")}
+                      if "native" in v.filters else None),
+        # a retried Check repeats its token: extproc's cache may answer the retry
+        "sidecar_retries": events.get(f"cluster.{v.sidecar}.upstream_rq_retry", 0) if v.sidecar else None,
+        "tokens": stack.fresh[v.name].advance(res.tokens_used) if res.tokens_used is not None else None,
     }
     if server is not None:
         rss, hwm = memory_mb(server.pid)
@@ -613,7 +849,9 @@ def _r(x: float | None, nd: int = 1) -> float | None:
 
 def warm(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str]) -> None:
     if seconds > 0:
-        run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk-warmup.log")
+        res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk-warmup.log")
+        if res.tokens_used is not None:
+            stack.fresh[v.name].advance(res.tokens_used)      # warm-up tokens count as seen
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -641,6 +879,15 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
                  "requests": sum(r["requests"] for r in mine),
                  "errors": {k: sum(r["errors"][k] for r in mine) for k in mine[0]["errors"]},
                  "error_count": sum(r["error_count"] for r in mine)}
+            for key in ("auth_cache", "jwt_cache"):
+                caches = [r[key] for r in mine if r.get(key) is not None]
+                s[key] = {k: sum(c[k] for c in caches) for k in ("hit", "miss")} if caches else None
+            retries = [r["sidecar_retries"] for r in mine if r.get("sidecar_retries") is not None]
+            s["sidecar_retries"] = sum(retries) if retries else None
+            toks = [r["tokens"] for r in mine if r.get("tokens") is not None]
+            s["tokens"] = ({"used": sum(t["used"] for t in toks), "distinct_per_load": [t["distinct"] for t in toks],
+                            "reused": sum(t["reused"] for t in toks), "pool": toks[0]["pool"],
+                            "cycled": any(t["cycled"] for t in toks)} if toks else None)
             s["error_ratio"] = round(s["error_count"] / s["requests"], 5) if s["requests"] else 1.0
             s["flagged"] = s["error_ratio"] > ERROR_FLAG_RATIO
             med[(v.name, conns)] = s
@@ -652,12 +899,21 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
             return None
         return round(100.0 * s["rps"] / ref["rps"], 1)
 
+    def cpu_ratio(s: dict, other: str | None) -> float | None:
+        ref = med.get((other, s["concurrency"])) if other else None
+        if ref is None or not ref["cpu_us_per_request"] or s["cpu_us_per_request"] is None:
+            return None
+        return round(s["cpu_us_per_request"] / ref["cpu_us_per_request"], 3)
+
     for s in out:
         v = BY_NAME[s["variant"]]
         s["pct_of_plain"] = pct(s, "plain")
-        s["pct_of_native"] = pct(s, "native")
+        s["native_variant"] = v.native
+        s["pct_of_native"] = pct(s, v.native)
         s["floor_variant"] = v.floor
         s["pct_of_floor"] = pct(s, v.floor)
+        # the identity target: a repeat RS256 token within 10 % of the floor's CPU per request
+        s["cpu_of_floor"] = cpu_ratio(s, v.floor)
     return out
 
 
@@ -666,7 +922,7 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 
 
 def table(summary: list[dict]) -> str:
-    head = ("variant", "c", "RPS", "p50 ms", "p99 ms", "side µs/req", "side RSS MB", "envoy µs/req",
+    head = ("variant", "c", "RPS", "p50 ms", "p99 ms", "side µs/req", "cpu/floor", "side RSS MB", "envoy µs/req",
             "%plain", "%native", "%floor", "errors")
     lines = []
     for s in summary:
@@ -675,7 +931,8 @@ def table(summary: list[dict]) -> str:
         if s["flagged"]:
             err += " !!"
         lines.append((name, str(s["concurrency"]), _fmt(s["rps"], ",.0f"), _fmt(s["p50_ms"], ".2f"),
-                      _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_request"], ",.0f"), _fmt(s["rss_mb"], ".1f"),
+                      _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_request"], ",.0f"),
+                      _fmt(s["cpu_of_floor"], ".2f", "x"), _fmt(s["rss_mb"], ".1f"),
                       _fmt(s["envoy_cpu_us_per_request"], ",.0f"), _fmt(s["pct_of_plain"], ".1f", "%"),
                       _fmt(s["pct_of_native"], ".1f", "%"), _fmt(s["pct_of_floor"], ".1f", "%"), err))
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
@@ -691,6 +948,29 @@ def table(summary: list[dict]) -> str:
         last_c = s["concurrency"]
         out.append(fmt(row))
     return "\n".join(out)
+
+
+def token_notes(summary: list[dict]) -> str:
+    """Per fresh-token variant, how many tokens were distinct; per JWT variant, what its cache saw
+    (extproc's decision cache: a hit costs no signature check; Envoy's jwt_authn cache)."""
+    lines = []
+    for s in summary:
+        t, ac, jc = s.get("tokens"), s.get("auth_cache"), s.get("jwt_cache")
+        if t is None and ac is None and jc is None:
+            continue
+        text = f"  {s['variant']} c={s['concurrency']}: {s['requests']:,} requests"
+        if t is not None:
+            distinct = "+".join(f"{d:,}" for d in t["distinct_per_load"])
+            text += (f", {t['used']:,} tokens taken from the pool of {t['pool']:,}, {distinct} distinct per load, "
+                     f"{t['reused']:,} already sent before" + (" (pool cycled)" if t["cycled"] else ""))
+        if ac is not None:
+            text += f"; extproc decision cache {ac['hit']:,} hit / {ac['miss']:,} miss"
+            if s.get("sidecar_retries"):
+                text += f" (Envoy retried {s['sidecar_retries']:,} calls; a retry repeats its token)"
+        if jc is not None:
+            text += f"; Envoy jwt_authn cache {jc['hit']:,} hit / {jc['miss']:,} miss"
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def by_concurrency(summary: list[dict]) -> list[dict]:
@@ -732,6 +1012,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     p.add_argument("--pin", default="auto", help="CPU for wrk (taskset): auto (the last CPU), a number, or none")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs and logs) and print it")
+    p.add_argument("--fresh-tokens", type=int, default=FRESH_TOKENS,
+                   help=f"RS256 tokens minted for the fresh-token variants (default {FRESH_TOKENS:,}); when a "
+                   "run needs more, each variant cycles through them and the report says how many were reused")
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 1 if args.quick else 5
@@ -743,6 +1026,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup must be between 0 and 60 seconds")
     if not 1 <= args.rounds <= 20:
         p.error("--rounds must be between 1 and 20")
+    if not 100 <= args.fresh_tokens <= 1_000_000:
+        p.error("--fresh-tokens must be between 100 and 1000000")
     return args
 
 
@@ -763,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     per_load = args.warmup + args.duration
     loads = args.rounds * len(CONCURRENCY) * len(variants)
     expected = loads * (per_load + 0.5) + STARTUP_ESTIMATE_S
+    if any(v.fresh for v in variants):
+        expected += args.fresh_tokens * MINT_ESTIMATE_S
     try:
         pin, pin_text = pinning(args.pin)
     except BenchError as exc:
@@ -774,7 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False     # a failed run keeps its configs and logs for diagnosis
     load_before = os.getloadavg()      # before our own processes start
     try:
-        stack, started = start_stack(variants, tmp, token_ttl=int(expected * 3) + 3600)
+        stack, started = start_stack(variants, tmp, token_ttl=int(expected * 3) + 3600,
+                                     fresh_tokens=args.fresh_tokens)
         meta = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "envoy_version": stack.envoy_version, "envoy_concurrency": 1,
@@ -782,7 +1070,9 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": load_before, "pinning": pin_text,
             "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
             "concurrency": [{"connections": c, "threads": t} for c, t in CONCURRENCY],
-            "target": f"GET {TARGET_PATH} (demo upstream) with Authorization: Bearer <RS256 token>",
+            "target": f"GET {TARGET_PATH} (demo upstream) with Authorization: Bearer <token>: one RS256 token, "
+                      "one ES256 token (*_es256), or the next of a pool of RS256 tokens per request (*_fresh)",
+            "fresh_tokens": stack.fresh_pool_size or None,
             "python": platform.python_version(), "clk_tck": CLK_TCK,
         }
         print(f"extproc bench  {meta['date']}")
@@ -814,8 +1104,10 @@ def main(argv: list[str] | None = None) -> int:
                     if row["error_count"] and row["envoy_events"]:
                         print("      Envoy: " + ", ".join(f"{k} +{n}" for k, n in row["envoy_events"].items()),
                               flush=True)
-        if "native" in {v.name for v in variants}:
-            limited = envoy_stats(stack.ports.envoy_admin).get("bench_local_rl.http_local_rate_limit.rate_limited", 0)
+        natives = [v for v in variants if "native" in v.filters]
+        if natives:
+            stats = envoy_stats(stack.ports.envoy_admin)
+            limited = sum(stats.get(f"{_rl_prefix(v)}.http_local_rate_limit.rate_limited", 0) for v in natives)
             if limited:
                 print(f"warning: local_ratelimit rejected {limited} requests (bucket too small?)")
         meta["loadavg_after"] = os.getloadavg()
@@ -825,15 +1117,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in meta['loadavg_after'])}"
               + ("  (above 0.5 before the run: something else was using the CPUs; numbers are noisier)"
                  if meta["loadavg_before"][0] > 0.5 else ""))
+        notes = token_notes(summary)
+        if notes:
+            print("\ntokens and caches (summed over rounds):\n" + notes)
         flagged = [f"{s['variant']} c={s['concurrency']}" for s in summary if s["flagged"]]
         if flagged:
             print(f"\n!! more than 1% errors: {', '.join(flagged)} (their numbers are not comparable)")
         print("\nside µs/req and RSS: CPU (utime+stime) of the gRPC server behind the variant (extproc or "
-              "the floor) per completed request; %floor compares with the floor of the same filter shape.")
+              "the floor) per completed request; cpu/floor divides it by the floor's of the same filter shape "
+              "(floor_authz for every extproc_authz*), %floor compares RPS with that floor, %native with Envoy's "
+              "jwt_authn on the same tokens.")
         if args.json is not None:
             doc = {"meta": meta, "variants": {v.name: {"letter": v.letter or None, "title": v.title,
                                                         "filters": list(v.filters), "sidecar": v.sidecar,
-                                                        "floor": v.floor} for v in variants},
+                                                        "floor": v.floor, "native": v.native, "key": v.key,
+                                                        "fresh": v.fresh, "policy": v.policy} for v in variants},
                    "summary": summary, "runs": rows}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -1,8 +1,8 @@
 """The one store contract every backend answers: memory, Redis, Redis Cluster.
 
 Decides the shape of shared state as the rest of the sidecar sees it: a handful of
-operations (bytes get/set/delete, counters, an atomic fixed-window hit, a scored set, and
-pub/sub), all async, and one error type. Drivers' exceptions never cross this boundary: each backend turns them into
+operations (bytes get/set/delete, counters, an atomic fixed-window hit, a request's rate
+limits checked and charged together, a scored set, and pub/sub), all async, and one error type. Drivers' exceptions never cross this boundary: each backend turns them into
 `StoreError`, whose `transient` flag says whether retrying later can help (connection lost,
 timeout, cluster failover) or not (a wrong-type value, bad credentials), and whose `timeout`
 flag lets callers report `store_timeout` apart from `store_error`. What a store failure
@@ -13,8 +13,11 @@ store's.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from extproc.core.ratelimit import Limit, Outcome
 
 
 class StoreError(Exception):
@@ -47,6 +50,40 @@ class WindowResult:
     count: int
     remaining: int
     reset_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateCheck:
+    """One rule of one request: charge `cost` (default: the rule's) against `limit` at `key`.
+
+    `key` comes from `KeySpace.rate_limit(tag, limit)`; checks whose keys share a hash tag are
+    decided in one atomic script.
+    """
+
+    key: str
+    limit: Limit
+    cost: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limit, Limit):
+            raise TypeError(f"RateCheck.limit is a Limit, got {type(self.limit).__name__}")
+        cost = self.limit.cost if self.cost is None else self.cost
+        self.limit.check_cost(cost)
+        object.__setattr__(self, "cost", cost)
+
+    @property
+    def units(self) -> int:
+        return self.cost  # type: ignore[return-value]  # resolved in __post_init__
+
+
+@dataclass(frozen=True, slots=True)
+class RateResult:
+    """One check's answer: the rule's `Outcome`, and whether this request is now counted
+    against it (`charged`: true for every rule of an admitted request, false for all rules of
+    a rejected one)."""
+
+    outcome: Outcome
+    charged: bool
 
 
 @runtime_checkable
@@ -113,6 +150,25 @@ class Store(Protocol):
         """
         ...
 
+    async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
+        """Decide one request against all its rules; one RateResult per check, in order.
+
+        The request is admitted iff every outcome is allowed, and then every rule is charged;
+        a rejected request is charged to no rule. Checks whose keys share a Redis Cluster slot
+        are checked and charged atomically in one script (on standalone Redis and in memory:
+        all checks). Across slots each slot's group is charged atomically and, when any group
+        rejects, the groups that were charged are refunded in a second round trip; until then
+        (one round trip) concurrent requests may see that charge, so they can be rejected by
+        up to the rejected requests' costs, never admitted beyond a limit. A refund that fails
+        leaves its cost counted until the window (or bucket) resets.
+
+        Time is the backend's clock (Redis `TIME`, the memory store's injected wall clock);
+        `now_ms` (Unix ms) overrides it, for tests and tools only. Duplicate keys, costs < 1
+        raise ValueError before any I/O. Redis scripts are sent by SHA; calls that concurrent
+        requests make in one event-loop tick share one pipeline.
+        """
+        ...
+
     async def zadd(self, key: str, member: str, score: float) -> None:
         """Add `member` to the scored set at `key`, or move it to `score` when present.
 
@@ -171,6 +227,19 @@ def check_window(limit: int, window_ms: int, cost: int) -> None:
         raise ValueError(f"window_ms must be >= 1, got {window_ms!r}")
     if cost < 1:
         raise ValueError(f"cost must be >= 1, got {cost!r}")
+
+
+def check_rate_checks(checks: Sequence[RateCheck], now_ms: int | None) -> None:
+    """The arguments of `rate_limit`, checked identically for every backend before any I/O."""
+    seen: set[str] = set()
+    for check in checks:
+        if not isinstance(check, RateCheck):
+            raise TypeError(f"rate_limit takes RateCheck items, got {type(check).__name__}")
+        if check.key in seen:
+            raise ValueError(f"rate_limit: key {check.key!r} appears twice in one request")
+        seen.add(check.key)
+    if now_ms is not None and (isinstance(now_ms, bool) or not isinstance(now_ms, int) or now_ms < 0):
+        raise ValueError(f"now_ms is a non-negative integer of Unix milliseconds, got {now_ms!r}")
 
 
 def check_score(score: float) -> float:

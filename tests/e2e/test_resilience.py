@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import urllib.request
 import time
+import urllib.request
 from collections import Counter
 
 import pytest
