@@ -229,6 +229,14 @@ class Limit:
         object.__setattr__(self, "refill_units", units)
         object.__setattr__(self, "scale", scale)
 
+    def check_cost(self, cost: int) -> None:
+        """A request's cost for this rule: an integer >= 1 the script can count exactly."""
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ValueError(f"rule {self.name!r}: cost must be an integer >= 1, got {cost!r}")
+        unit = self.scale if self.algorithm is Algorithm.TOKEN_BUCKET else PPM
+        if cost * unit >= EXACT:
+            raise ValueError(f"rule {self.name!r}: cost {cost} is too large to count exactly")
+
     @property
     def state_suffix(self) -> str:
         """The last key part: algorithm and period, so a changed rule never reads old state."""

@@ -26,6 +26,10 @@ of flushing a shared server.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from extproc.core.ratelimit import Limit
 
 DEFAULT_PREFIX = "extproc"
 
@@ -61,6 +65,20 @@ class KeySpace:
         head = f"{self.prefix}:{namespace}:{{{tag}}}"
         return ":".join((head, *parts)) if parts else head
 
+    def rate_limit(self, tag: str, limit: Limit) -> str:
+        """`<prefix>:rl:{<tag>}:<rule>:<state>`, one rule's counter state for one partition.
+
+        `tag` is the partition the rule counts by (a user id, an org, an API key, an IP, or
+        the rule name for a global limit). Rules of one request whose tags are equal land in
+        one slot and are decided in one atomic script, so pick the tag as the coarsest
+        partition the request's rules share (e.g. the user id for "per user" and "per user
+        and route"); rules with other tags (an org's quota) cost a second slot's script and
+        a refund when rejected. `<state>` names the algorithm and period (`fw.60s`, `sw.1mo`,
+        `tb`): a rule whose algorithm or period changes starts from fresh state instead of
+        misreading the old one.
+        """
+        return self.key(RATE_LIMIT, tag, limit.name, limit.state_suffix)
+
     def channel(self, namespace: str, name: str) -> str:
         """`<prefix>:<namespace>:<name>`, a pub/sub channel (no hash tag: see the module docstring)."""
         _check_plain("namespace", namespace)
@@ -85,6 +103,11 @@ def current() -> KeySpace:
 def key(namespace: str, tag: str, *parts: str) -> str:
     """A key under the process-wide prefix; see the module docstring for the layout."""
     return _default.key(namespace, tag, *parts)
+
+
+def rate_limit(tag: str, limit: Limit) -> str:
+    """A rate-limit state key under the process-wide prefix; see `KeySpace.rate_limit`."""
+    return _default.rate_limit(tag, limit)
 
 
 def channel(namespace: str, name: str) -> str:

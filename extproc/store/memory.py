@@ -10,6 +10,12 @@ Decides how the default (no Redis configured) backend behaves:
 * Bounded: at most `max_keys` live entries. When a new key needs room, expired keys go
   first (found through a min-heap of expiry times, so no scan), then the least recently used
   key (reads and writes both count as use).
+* Rate limits run `extproc.core.ratelimit`, the reference the Lua script is tested against,
+  on the rate state held in the entry (a key holds bytes/a counter, a scored set, or a rule's
+  rate state; using it as another type is WRONGTYPE). One call is one step of the loop, so all
+  of a request's rules are checked and charged atomically. Windows follow the injected
+  `wall_clock` (Unix seconds: calendar months need the civil time, which the monotonic
+  `clock` is not); a state's expiry follows `clock` like every other key.
 * Exact time: expiry is computed from the injected `clock` (seconds, monotonic) in whole
   microseconds, so tests step a fake clock instead of sleeping. A key set with `ttl_ms=T` at
   time t is gone from t + T on.
@@ -31,14 +37,18 @@ import heapq
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from extproc.core import ratelimit
 from extproc.store.base import (
+    RateCheck,
+    RateResult,
     StoreError,
     WindowResult,
     as_bytes,
     check_bound,
     check_member,
+    check_rate_checks,
     check_score,
     check_ttl,
     check_window,
@@ -57,10 +67,17 @@ class _ZSet(dict[str, float]):
     """A scored set's members; its own type so that bytes and counters never mix with it."""
 
 
+class _RateState(dict[str, int]):
+    """One rate-limit rule's state (a hash in Redis), as `extproc.core.ratelimit` reads it."""
+
+
+_CONTAINERS = (_ZSet, _RateState)
+
+
 class _Entry:
     __slots__ = ("value", "expires_us")
 
-    def __init__(self, value: bytes | int | _ZSet, expires_us: int | None):
+    def __init__(self, value: bytes | int | _ZSet | _RateState, expires_us: int | None):
         self.value = value
         self.expires_us = expires_us
 
@@ -127,7 +144,7 @@ class MemoryStore:
     name = "memory"
 
     def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic,
-                 max_pending_messages: int = 10_000):
+                 max_pending_messages: int = 10_000, wall_clock: Callable[[], float] = time.time):
         if max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {max_keys!r}")
         if max_pending_messages < 1:
@@ -136,6 +153,7 @@ class MemoryStore:
         self.max_pending_messages = max_pending_messages
         self._subscribers: dict[str, dict[MemorySubscription, None]] = {}
         self._clock = clock
+        self._wall_clock = wall_clock
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         # (expires_us, key) for every entry written with a TTL; stale items (key rewritten
         # or deleted) are skipped when popped and dropped when the heap is compacted.
@@ -152,7 +170,7 @@ class MemoryStore:
         if entry is None:
             return None
         value = entry.value
-        if isinstance(value, _ZSet):
+        if isinstance(value, _CONTAINERS):
             raise StoreError(f"memory get: {_WRONGTYPE}", transient=False)
         return str(value).encode() if isinstance(value, int) else value
 
@@ -201,6 +219,26 @@ class MemoryStore:
             return WindowResult(True, count, max(0, limit - count), window_ms)
         entry.value = count
         return WindowResult(True, count, max(0, limit - count), ttl_ms)
+
+    async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
+        check_rate_checks(checks, now_ms)
+        if not checks:
+            return []
+        if now_ms is None:
+            now_ms = int(self._wall_clock() * 1000)
+        now = self._now_us()
+        rules = []
+        for check in checks:
+            entry = self._lookup(check.key, now)
+            if entry is not None and not isinstance(entry.value, _RateState):
+                raise StoreError(f"memory rate_limit: {_WRONGTYPE}", transient=False)
+            rules.append((check.limit, None if entry is None else entry.value, check.units))
+        admitted, charges = ratelimit.check_and_charge(rules, now_ms)
+        if admitted:
+            for check, charge in zip(checks, charges, strict=True):
+                assert charge.state is not None
+                self._insert(check.key, _Entry(_RateState(charge.state), now + charge.ttl_ms * 1000), now)
+        return [RateResult(charge.outcome, admitted) for charge in charges]
 
     async def zadd(self, key: str, member: str, score: float) -> None:
         check_member(member)
@@ -313,7 +351,7 @@ class MemoryStore:
         value = entry.value
         if isinstance(value, int):
             return value
-        if isinstance(value, _ZSet):
+        if isinstance(value, _CONTAINERS):
             raise StoreError(f"memory {op}: {_WRONGTYPE}", transient=False)
         if _REDIS_INT.fullmatch(value):
             number = int(value)
