@@ -12,6 +12,7 @@ config keeps serving. Listen addresses and the store need a restart to change.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -369,6 +370,11 @@ async def run_worker(config_path: str | None, cfg: cfgmod.Config, *, listen: str
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(worker.reload("SIGHUP")))
     try:
         await worker.start()
+        # everything built at start-up (config, compiled policies, modules, protobuf descriptors)
+        # lives for the whole process: keep it out of the collector's scans, which otherwise
+        # walk it on every full collection under load
+        gc.collect()
+        gc.freeze()
     except Exception as exc:  # noqa: BLE001 - a start failure is one clear line, not a traceback
         log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
         await worker.stop()

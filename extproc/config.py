@@ -386,6 +386,70 @@ class Policy(_Closed):
         return self
 
 
+CountBy = Annotated[str, Field(pattern=r"^(user|org|api_key|ip|route|policy|method|global|"
+                                       r"header:[a-z0-9-]+|claim:[A-Za-z0-9_.:/-]+)$")]
+
+
+class TierLimit(_Closed):
+    limit: Annotated[int, Field(ge=1)]
+    burst: Annotated[int, Field(ge=1)] | None = None
+
+
+class RateRule(_Closed):
+    """One rate limit: which requests it counts (`policies` + `when`), what it counts them by
+    (`count_by`, e.g. [user] or [org, route]), and the algorithm, limit and period. All rules that
+    match a request must pass; a rejected request is charged against none of them."""
+    name: Annotated[str, Field(pattern=_NAME)]
+    policies: list[str] = Field(default_factory=list)          # empty: every policy
+    when: Conditions = Field(default_factory=Conditions)
+    api_key_tiers: list[str] = Field(default_factory=list)      # only requests with an API key of these tiers
+    count_by: Annotated[list[CountBy], Field(min_length=1)]
+    algorithm: Literal["token_bucket", "sliding_window", "fixed_window"] = "sliding_window"
+    limit: Annotated[int, Field(ge=1)]
+    period: str | int = "minute"
+    burst: Annotated[int, Field(ge=1)] | None = None            # token bucket capacity (default: limit)
+    cost: Annotated[int, Field(ge=1)] = 1
+    tiers: dict[str, TierLimit] = Field(default_factory=dict)   # by API key tier, or the `tier` claim
+    mode: Literal["enforce", "shadow"] = "enforce"
+    fail: Literal["open", "closed"] = "open"                    # when the store cannot answer in time
+    missing: Literal["skip", "ip"] = "skip"                     # a count_by part absent: skip the rule, or count by IP
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: str | int) -> str | int:
+        from .core.ratelimit import Period
+
+        try:
+            Period.parse(v)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _rule(self) -> RateRule:
+        if self.algorithm == "token_bucket" and str(self.period) == "month":
+            raise ValueError("a token bucket refills at a rate: use a fixed or sliding window for monthly quotas")
+        if self.burst is not None and self.algorithm != "token_bucket":
+            raise ValueError("burst applies to token_bucket only")
+        return self
+
+
+class RateLimits(_Closed):
+    rules: list[RateRule] = Field(default_factory=list)
+    deny_status: Literal[429] = 429
+    store_timeout_ms: Annotated[int, Field(ge=1, le=1000)] = 20   # never wait longer for the store
+    local_fallback: bool = True      # fail-open rules keep limiting per replica while the store is down
+    headers: bool = True             # X-RateLimit-* and RateLimit / RateLimit-Policy on responses
+
+    @model_validator(mode="after")
+    def _unique(self) -> RateLimits:
+        names = [r.name for r in self.rules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"rate limit rule names must be unique: {', '.join(sorted(dup))}")
+        return self
+
+
 class Config(_Closed):
     server: Server = Field(default_factory=Server)
     admin: Admin = Field(default_factory=Admin)
@@ -393,6 +457,7 @@ class Config(_Closed):
     providers: dict[str, Provider] = Field(default_factory=dict)
     api_keys: ApiKeys | None = None
     policies: dict[str, Policy] = Field(default_factory=dict)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
 
@@ -410,6 +475,11 @@ class Config(_Closed):
                 if pol.auth.api_keys and self.api_keys is None:
                     out.append((("policies", name, "auth", "api_keys"),
                                 "api_keys: true needs a top-level api_keys section"))
+        for i, rule in enumerate(self.rate_limits.rules):
+            for j, pol in enumerate(rule.policies):
+                if pol not in self.policies:
+                    out.append((("rate_limits", "rules", str(i), "policies", str(j)),
+                                f"unknown policy {pol!r} (defined: {sorted(self.policies) or 'none'})"))
         if self.default_policy is not None and self.default_policy not in self.policies:
             out.append((("default_policy",), f"{self.default_policy!r} is not a defined policy "
                                              f"(defined: {sorted(self.policies) or 'none'})"))
