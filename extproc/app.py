@@ -113,10 +113,15 @@ class Runtime:
     introspectors: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, cfg: cfgmod.Config, revocations: Any = None, api_keys: Any = None) -> Runtime:
+    def build(cls, cfg: cfgmod.Config, revocations: Any = None, api_keys: Any = None,
+              previous: Runtime | None = None) -> Runtime:
         policies = compile_policies(cfg)
         keys: dict[str, tuple[ProviderRules, KeySet]] = {}
         sources = {name: KeySource(name, p, keys) for name, p in cfg.providers.items() if p.introspection is None}
+        if previous is not None:
+            for name, src in sources.items():
+                if name in previous.sources:
+                    src.adopt(previous.sources[name])
         introspectors: dict[str, Any] = {}
         for name, p in cfg.providers.items():
             if p.introspection is not None:
@@ -309,7 +314,7 @@ class Worker:
                 ak = new.api_keys
                 self.apikeys.update_config(ak.keys if ak else [])
                 self.apikeys.store = self.store if ak and ak.from_store else None
-            rt = Runtime.build(new, self.revocations, self.apikeys)
+            rt = Runtime.build(new, self.revocations, self.apikeys, previous=self.runtime)
             await rt.start()
             kept_server = self.cfg.server.model_copy(update={"max_header_bytes": new.server.max_header_bytes})
             old, self.runtime, self.cfg = self.runtime, rt, new.model_copy(

@@ -82,8 +82,10 @@ class KeySet:
         return KeySet({"#secret": PyJWK({"kty": "oct", "k": k})}, True)
 
     @staticmethod
-    def from_jwks(doc: Any) -> KeySet:
-        """Parse a JWKS document; raises ValueError when it holds no usable signing key."""
+    def from_jwks(doc: Any, algorithms: frozenset[str] | None = None) -> KeySet:
+        """Parse a JWKS document; raises ValueError when it holds no usable signing key (for
+        `algorithms`, when given: a key no allowed algorithm can use never replaces good keys)."""
+        kinds = {_KEY_TYPE.get(a[:2]) for a in algorithms} if algorithms else None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise ValueError("JWKS must be an object with a 'keys' array")
         keys: dict[str, PyJWK] = {}
@@ -94,6 +96,9 @@ class KeySet:
                 key = PyJWK(jwk)
             except (pyjwt.PyJWKError, pyjwt.InvalidKeyError, ValueError, TypeError):
                 continue  # one bad key must not hide the good ones
+            if kinds is not None and (key.key_type not in kinds
+                                      or (jwk.get("alg") is not None and jwk.get("alg") not in algorithms)):
+                continue
             keys[jwk.get("kid") or f"#{i}"] = key
         if not keys:
             raise ValueError("JWKS holds no usable signing key")

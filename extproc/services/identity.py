@@ -122,7 +122,7 @@ class Identity:
                 continue
             seen_credential = True
             cached = self.decisions.get(policy.name, token, now)
-            if cached is not None and self._still_valid(cached, name):
+            if cached is not None and cached.principal.provider == name and self._still_valid(cached, name):
                 revoked = self._revoked(cached.principal, cached.jti, cached.digest, cached.iat, now, policy)
                 if revoked is not None:
                     return None, revoked, token

@@ -60,10 +60,21 @@ class KeySource:
         self._stale = False
         self._failing = False
         self._jwks_uri: str | None = provider.jwks_uri
-        self._file_mtime: int | None = None
+        self._file_mtime: tuple[int, int, int] | None = None
         self._last_fetch = -1e18
         self._wake = asyncio.Event()
         self._fetched = asyncio.Event()
+
+    KEY_FIELDS = ("jwks_uri", "discovery_uri", "jwks_file", "jwks", "pem_file", "secret_file", "secret_env",
+                  "algorithms")
+
+    def adopt(self, old: KeySource) -> None:
+        """Start from the keys of the source this one replaces (a reload), when they come from the
+        same place: an IdP outage during a reload must not drop keys that were in force."""
+        if all(getattr(old.provider, f) == getattr(self.provider, f) for f in self.KEY_FIELDS) and old.keyset.loaded:
+            self.keyset = old.keyset
+            self.sink[self.name] = (self.rules, old.keyset)
+            self._stale = old._stale
 
     @property
     def remote(self) -> bool:
@@ -83,18 +94,18 @@ class KeySource:
         self._set_stale(False)
 
     def _set_stale(self, stale: bool) -> None:
-        if stale != self._stale:
-            self._stale = stale
-            metrics.JWKS_STALE.labels(self.name).set(1 if stale else 0)
+        # written every time: a source built by a reload shares its label with the one it replaces
+        self._stale = stale
+        metrics.JWKS_STALE.labels(self.name).set(1 if stale else 0)
 
     def _load_local(self) -> None:
         p = self.provider
         try:
             if p.jwks_file is not None:
                 self._file_mtime = _mtime(p.jwks_file)
-                self._install(KeySet.from_jwks(json.loads(p.jwks_file.read_text())), str(p.jwks_file))
+                self._install(KeySet.from_jwks(json.loads(p.jwks_file.read_text()), self.rules.algorithms), str(p.jwks_file))
             elif p.jwks is not None:
-                self._install(KeySet.from_jwks(p.jwks), "inline jwks")
+                self._install(KeySet.from_jwks(p.jwks, self.rules.algorithms), "inline jwks")
             elif p.pem_file is not None:
                 self._install(KeySet.from_public_pem(p.pem_file.read_bytes()), str(p.pem_file))
             else:
@@ -117,7 +128,7 @@ class KeySource:
             if self.provider.jwks_file is not None:
                 self._task = asyncio.create_task(self._watch_file(), name=f"jwks-file-{self.name}")
             return
-        metrics.JWKS_KEYS.labels(self.name).set(0)
+        metrics.JWKS_KEYS.labels(self.name).set(len(self.keyset.keys))
         # the first fetch happens before the worker reports SERVING, so a restarted sidecar does
         # not answer keys_unavailable to valid tokens meanwhile; later ones run in the background
         delay = await self._attempt()
@@ -140,9 +151,13 @@ class KeySource:
         async with self._session.get(url, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status} from {url}")
-            body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
-            if len(body) > MAX_DOCUMENT_BYTES:
-                raise ValueError("document too large")
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > MAX_DOCUMENT_BYTES:
+                    raise ValueError("document too large")
+                chunks.append(chunk)
+            body = b"".join(chunks)
             return json.loads(body), resp.headers.get("cache-control", "")
 
     async def fetch_once(self) -> float:
@@ -159,7 +174,7 @@ class KeySource:
                 raise ValueError("discovery jwks_uri is not an http(s) URL")
             self._jwks_uri = doc["jwks_uri"]
         doc, cache_control = await self._get_json(self._jwks_uri)
-        self._install(KeySet.from_jwks(doc), self._jwks_uri)
+        self._install(KeySet.from_jwks(doc, self.rules.algorithms), self._jwks_uri)
         metrics.JWKS_FETCHES.labels(self.name, "ok").inc()
         interval = self.provider.refresh_interval_seconds
         m = _MAX_AGE.search(cache_control)
@@ -221,8 +236,9 @@ class KeySource:
                 self._load_local()
 
 
-def _mtime(path: Path) -> int | None:
+def _mtime(path: Path) -> tuple[int, int, int] | None:
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError:
         return None
