@@ -27,7 +27,7 @@ every replica (and Redis) derives the same window from the same clock without co
 
   where the weight is rounded *up* to a millionth (`PPM`), so rounding can only make the
   estimate higher (never admit more); it keeps every product below 2**53 so the Lua script
-  (doubles) is exact for limits up to 9e9 per window. A request fits when
+  (doubles) is exact for limits up to 3e9 per window. A request fits when
   `estimate + cost <= limit`.
 
   Error bound. The estimate assumes the previous window's units were spread uniformly over
@@ -36,15 +36,20 @@ every replica (and Redis) derives the same window from the same clock without co
 
       -prev * e/P  <=  estimate - A  <=  prev * (1 - e/P)      (+ < prev/10**6 from rounding)
 
-  Hence the worst-case OVER-admission in any trailing window of length P is `prev * e/P`
-  units (< limit): reached when the previous window's traffic sat at its very end and the
-  current window's traffic is spread (A can approach 2*limit just before the window ends;
-  `tests/unit/test_ratelimit.py` constructs it). The worst-case UNDER-admission is
-  `prev * (1 - e/P)`: reached when the previous window's traffic sat at its very start. With
-  uniform traffic the estimate is exact. What it does NOT admit is the fixed window's double
-  burst: right after a boundary the previous window still weighs ~100 %, so a full burst at
-  the end of window 1 blocks a burst at the start of window 2 (over the 2*d ms around a
-  boundary it admits at most limit + prev*d/P).
+  Hence, `e` ms into a window:
+  - OVER-admission: the trailing window can hold at most `limit + prev * e/P` units, i.e.
+    `prev * e/P` (< limit) too many. Reached when the previous window's traffic sat at its
+    very end and the current window's is spread out: just before the window ends A can
+    reach 2*limit - 1 (`tests/unit/test_ratelimit.py` constructs it).
+  - UNDER-admission: a request can be refused while the trailing window holds only
+    `limit - cost - prev * (1 - e/P)` units, i.e. up to ceil(prev * (1 - e/P)) whole units
+    refused below the limit. Reached when the previous window's traffic sat at its very
+    start (it has left the trailing window, the estimate still counts it).
+  - Uniform traffic: off by less than one request (the trailing window holds limit - 1 or
+    limit units when over-offered).
+  What it does NOT admit is the fixed window's double burst: right after a boundary the
+  previous window still weighs ~100 %, so a full burst at the end of window 1 blocks a burst
+  at the start of window 2 (within d ms after a boundary it admits at most limit * d/P more).
 
 Stale state is decided by window ids, never by key expiry: TTLs only let idle state
 disappear (a fixed window's state lives until its window ends, a sliding window's until the
@@ -71,8 +76,6 @@ from enum import StrEnum
 from fractions import Fraction
 from functools import lru_cache
 from typing import ClassVar
-
-import http_sfv
 
 #: Weights of the sliding window are millionths (see the module docstring).
 PPM = 1_000_000
@@ -205,8 +208,8 @@ class Limit:
             return
         if self.refill_per_second is not None:
             raise ValueError(f"rule {self.name!r}: refill_per_second applies to the token bucket only")
-        if max(self.limit, self.cost) * PPM >= EXACT:
-            raise ValueError(f"rule {self.name!r}: limit and cost must be below {EXACT // PPM}")
+        if 3 * max(self.limit, self.cost) * PPM >= EXACT:
+            raise ValueError(f"rule {self.name!r}: limit and cost must be below {EXACT // PPM // 3}")
 
     def _init_bucket(self) -> None:
         if self.limit < 1:
@@ -229,11 +232,27 @@ class Limit:
         object.__setattr__(self, "refill_units", units)
         object.__setattr__(self, "scale", scale)
 
+    @classmethod
+    def from_rule(cls, name: str, algorithm: Algorithm | str, limit: int, period: Period | str | int, *,
+                  burst: int | None = None, cost: int = 1) -> Limit:
+        """A rule as operators write it: `limit` per `period`; for a token bucket that is the
+        refill rate and `burst` (default `limit`) the capacity."""
+        period = period if isinstance(period, Period) else Period.parse(period)
+        if Algorithm(algorithm) is not Algorithm.TOKEN_BUCKET:
+            if burst is not None:
+                raise ValueError(f"rule {name!r}: burst applies to the token bucket only")
+            return cls(name, Algorithm(algorithm), limit, period, cost)
+        if period.is_month:
+            raise ValueError(f"rule {name!r}: a token bucket refills at a constant rate; use a window "
+                             "for monthly quotas")
+        return cls(name, Algorithm.TOKEN_BUCKET, limit if burst is None else burst, period, cost,
+                   refill_per_second=Fraction(limit, period.seconds))
+
     def check_cost(self, cost: int) -> None:
         """A request's cost for this rule: an integer >= 1 the script can count exactly."""
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise ValueError(f"rule {self.name!r}: cost must be an integer >= 1, got {cost!r}")
-        unit = self.scale if self.algorithm is Algorithm.TOKEN_BUCKET else PPM
+        unit = self.scale if self.algorithm is Algorithm.TOKEN_BUCKET else 3 * PPM
         if cost * unit >= EXACT:
             raise ValueError(f"rule {self.name!r}: cost {cost} is too large to count exactly")
 
@@ -482,7 +501,8 @@ def refund(limit: Limit, state: Mapping[str, int] | None, now_ms: int, cost: int
 
 
 def refunded(outcome: Outcome, cost: int) -> Outcome:
-    """The outcome a charged rule reports once its charge was given back."""
+    """The outcome a charged rule reports once its charge was given back (its
+    `reset_after_ms` stays the charged one: an upper bound)."""
     return replace(outcome, remaining=min(outcome.limit, outcome.remaining + cost))
 
 
@@ -505,6 +525,8 @@ def _seconds(ms: int) -> int:
 def policy_field(rule: str, quota: int, window_s: int) -> str:
     """`RateLimit-Policy` of draft-ietf-httpapi-ratelimit-headers-11 §3: a List with one
     String item naming the policy, `q` (quota) and `w` (window seconds, >= 1)."""
+    import http_sfv  # the structured-field serialiser (RFC 9651); imported on first use only
+
     item = http_sfv.Item(rule)
     item.params["q"] = quota
     item.params["w"] = max(1, window_s)
@@ -514,6 +536,8 @@ def policy_field(rule: str, quota: int, window_s: int) -> str:
 def service_limit_field(rule: str, available: int, window_s: int) -> str:
     """`RateLimit` of draft-ietf-httpapi-ratelimit-headers-11 §4: a List with one String
     item naming the policy, `r` (available quota) and `t` (effective window seconds)."""
+    import http_sfv
+
     item = http_sfv.Item(rule)
     item.params["r"] = available
     item.params["t"] = window_s

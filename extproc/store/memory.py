@@ -225,7 +225,7 @@ class MemoryStore:
         if not checks:
             return []
         if now_ms is None:
-            now_ms = int(self._wall_clock() * 1000)
+            now_ms = round(self._wall_clock() * 1000)
         now = self._now_us()
         rules = []
         for check in checks:

@@ -16,6 +16,20 @@ Decides how the sidecar talks to Redis:
 * Multi-step operations are Lua scripts from `lua/*.lua`, read once, run by EVALSHA through
   redis-py's `register_script` (which reloads them after NOSCRIPT, e.g. a Redis restart).
   Their keys share a hash tag (see `keys.py`), so they run unchanged on Cluster.
+* Rate limits (`rate_limit`) run `lua/ratelimit.lua` by EVALSHA, one call per Cluster slot
+  a request's rules span (one call for all of them on standalone Redis). The script's SHA is
+  computed once; after NOSCRIPT (a restart or failover emptied the script cache) it is loaded
+  and the refused calls are sent again (a refused call ran nothing, so this cannot double
+  charge).
+* Auto-batching: the client CPU of one EVALSHA is most of a rate-limited request's cost
+  (redis-py spends ~120-160 us per call at 32 concurrent callers, about half of that when the
+  calls are pipelined; see ../shared/ENVOY-NOTES.md and scripts/bench_store.py). So a
+  rate-limit call made while another is outstanding is queued, and the calls queued in one
+  event-loop tick go out together as one non-transactional pipeline (on Cluster one pipeline
+  per node, in parallel, so a dead master fails only its own slots' calls). A call made when
+  none is outstanding goes straight out: an idle sidecar pays no extra task or tick. Each
+  queued call still gets its own result or error; a failed pipeline fails its calls with the
+  same StoreError. `autobatch=False` sends every call on its own (for the bench).
 * Cluster routing needs the slot map: redis-py 8 sends a keyed command issued before the
   client knows its default node (first use, or after it dropped its topology on
   CLUSTERDOWN) to a random node, and a burst of such commands turns into a MOVED storm
@@ -42,10 +56,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import math
 import random
 import weakref
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as rex
@@ -54,14 +71,19 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.maint_notifications import MaintNotificationsConfig
 
+from extproc.core import ratelimit
 from extproc.store.base import (
+    RateCheck,
+    RateResult,
     StoreError,
     WindowResult,
     as_bytes,
     check_bound,
     check_member,
+    check_rate_checks,
     check_score,
     check_ttl,
     check_window,
@@ -137,6 +159,32 @@ def _bound(score: float) -> str:
 
 
 _ZSCAN_PAGE = 1000
+
+_RATELIMIT_LUA = "ratelimit.lua"
+_PER_RULE = 6      # values per rule in the script's reply (after `now` and `admitted`)
+
+
+def _script_sha(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _rate_args(mode: str, now: str, checks: Sequence[RateCheck], windows: Sequence[int] | None = None) -> list:
+    args: list[Any] = [mode, now]
+    for i, check in enumerate(checks):
+        args.extend(check.limit.script_args(check.units))
+        args.append(0 if windows is None else windows[i])
+    return args
+
+
+def _outcomes(checks: Sequence[RateCheck], reply: list) -> tuple[bool, list[ratelimit.Outcome], list[int]]:
+    """(admitted, outcomes, charged window ids) from a "charge" reply."""
+    outcomes, windows = [], []
+    for i, check in enumerate(checks):
+        allowed, remaining, reset, retry, window_ms, wid = reply[2 + i * _PER_RULE: 2 + (i + 1) * _PER_RULE]
+        outcomes.append(ratelimit.Outcome(check.limit.name, allowed == 1, check.limit.limit, remaining, reset,
+                                          retry, window_ms))
+        windows.append(wid)
+    return reply[1] == 1, outcomes, windows
 
 
 class RedisSubscription:
@@ -215,7 +263,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, cluster: bool = False, password: str | None = None,
                  timeout_ms: int = 50, connect_timeout_ms: int = 500, max_connections: int = 64,
-                 pubsub_ping_seconds: float = 5.0):
+                 pubsub_ping_seconds: float = 5.0, autobatch: bool = True):
         if timeout_ms < 1 or connect_timeout_ms < 1 or max_connections < 1:
             raise ValueError("timeout_ms, connect_timeout_ms and max_connections must be >= 1")
         if not pubsub_ping_seconds > 0:
@@ -251,6 +299,17 @@ class RedisStore:
             self._client = Redis.from_pool(pool)
         self._fixed_window = self._client.register_script(_script_text("fixed_window.lua"))
         self._incr_ttl = self._client.register_script(_script_text("incr_ttl.lua"))
+        self._ratelimit_text = _script_text(_RATELIMIT_LUA)
+        self._ratelimit_sha = _script_sha(self._ratelimit_text)
+        self._autobatch = autobatch
+        self._outstanding = 0            # rate-limit script calls sent or queued, not yet answered
+        self._queue: list[tuple[list[str], list, asyncio.Future]] = []
+        self._batches: set[asyncio.Task] = set()
+        # counters for metrics: refunds that failed (their cost stays counted until the window
+        # or bucket resets), rate-limit calls sent in a pipeline, and those pipelines
+        self.refund_failures = 0
+        self.batched_calls = 0
+        self.pipelines = 0
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, name={self.name!r})"
@@ -329,6 +388,160 @@ class RedisStore:
         except _DRIVER_ERRORS as exc:
             raise self._error("fixed_window_hit", exc) from exc
         return WindowResult(allowed == 1, count, max(0, limit - count), reset_ms)
+
+    async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
+        check_rate_checks(checks, now_ms)
+        if not checks:
+            return []
+        now = "" if now_ms is None else str(now_ms)
+        if self._undiscovered():
+            try:
+                await self._discover()
+            except _DRIVER_ERRORS as exc:
+                raise self._error("rate_limit", exc) from exc
+        groups = self._slot_groups(checks)
+        if len(groups) == 1:
+            reply = await self._ratelimit_call(checks, _rate_args("charge", now, checks))
+            admitted, outcomes, _ = _outcomes(checks, reply)
+            return [RateResult(o, admitted) for o in outcomes]
+        return await self._rate_limit_across_slots(checks, groups, now)
+
+    async def _rate_limit_across_slots(self, checks: Sequence[RateCheck], groups: list[list[int]],
+                                       now: str) -> list[RateResult]:
+        """Charge each slot's group atomically, all at once; refund the charged groups when
+        another group rejected (the only case with a second round trip)."""
+        parts = [[checks[i] for i in group] for group in groups]
+        replies = await asyncio.gather(*(self._ratelimit_call(part, _rate_args("charge", now, part))
+                                         for part in parts), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                # groups that did charge stay charged: whether the request goes ahead is the
+                # calling policy's failure mode, unknown here
+                raise reply
+        decided = [_outcomes(part, reply) for part, reply in zip(parts, replies, strict=True)]  # type: ignore[arg-type]
+        admitted = all(ok for ok, _, _ in decided)
+        results: list[RateResult | None] = [None] * len(checks)
+        refunds = []
+        for group, part, (ok, outcomes, windows) in zip(groups, parts, decided, strict=True):
+            if ok and not admitted:
+                refunds.append(self._ratelimit_call(part, _rate_args("refund", now, part, windows)))
+                outcomes = [ratelimit.refunded(o, c.units) for o, c in zip(outcomes, part, strict=True)]
+            for i, outcome in zip(group, outcomes, strict=True):
+                results[i] = RateResult(outcome, admitted)
+        if refunds:
+            for done in await asyncio.gather(*refunds, return_exceptions=True):
+                if isinstance(done, StoreError):
+                    self.refund_failures += 1
+                elif isinstance(done, BaseException):
+                    raise done
+        return results  # type: ignore[return-value]
+
+    def _slot_groups(self, checks: Sequence[RateCheck]) -> list[list[int]]:
+        """Indexes of the checks one script may decide together: all of them on standalone
+        Redis, those of one slot on Cluster."""
+        if not self._cluster:
+            return [list(range(len(checks)))]
+        slots: dict[int, list[int]] = {}
+        for i, check in enumerate(checks):
+            slots.setdefault(key_slot(check.key.encode()), []).append(i)
+        return list(slots.values())
+
+    async def _ratelimit_call(self, checks: Sequence[RateCheck], args: list) -> list:
+        keys = [check.key for check in checks]
+        try:
+            if not self._autobatch or self._outstanding == 0:
+                self._outstanding += 1
+                try:
+                    return await self._evalsha(keys, args)
+                finally:
+                    self._outstanding -= 1
+            self._outstanding += 1
+            try:
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future = loop.create_future()
+                self._queue.append((keys, args, future))
+                if len(self._queue) == 1:
+                    loop.call_soon(self._flush)
+                return await future
+            finally:
+                self._outstanding -= 1
+        except _DRIVER_ERRORS as exc:
+            raise self._error("rate_limit", exc) from exc
+
+    async def _evalsha(self, keys: list[str], args: list) -> list:
+        try:
+            return await self._client.evalsha(self._ratelimit_sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            await self._client.script_load(self._ratelimit_text)
+            return await self._client.evalsha(self._ratelimit_sha, len(keys), *keys, *args)
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        if batch:
+            self.batched_calls += len(batch)
+            self.pipelines += 1
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send_batch(self, batch: list[tuple[list[str], list, asyncio.Future]]) -> None:
+        if self._cluster and len(batch) > 1:
+            parts = self._by_node(batch)
+            if len(parts) > 1:
+                await asyncio.gather(*(self._send_part(part) for part in parts))
+                return
+        await self._send_part(batch)
+
+    def _by_node(self, batch: list[tuple[list[str], list, asyncio.Future]]) -> list[list]:
+        """The batch split by the node serving each call's slot: redis-py's cluster pipeline
+        fails all of its commands when one node fails, so each node gets its own pipeline
+        and a dead master fails only the calls for its slots (a stale slot map only costs
+        the MOVED redirects the pipeline follows)."""
+        parts: dict[str, list] = {}
+        for item in batch:
+            try:
+                node = self._client.get_node_from_key(item[0][0])  # type: ignore[union-attr]
+                name = "" if node is None else node.name
+            except _DRIVER_ERRORS:
+                name = ""
+            parts.setdefault(name, []).append(item)
+        return list(parts.values())
+
+    async def _send_part(self, batch: list[tuple[list[str], list, asyncio.Future]]) -> None:
+        try:
+            replies = await self._pipeline(batch)
+            refused = [i for i, reply in enumerate(replies) if isinstance(reply, rex.NoScriptError)]
+            if refused:
+                await self._client.script_load(self._ratelimit_text)
+                for i, reply in zip(refused, await self._pipeline([batch[i] for i in refused]), strict=True):
+                    replies[i] = reply
+        except _DRIVER_ERRORS as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(self._error("rate_limit", exc))
+            return
+        except BaseException:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreError(f"{self.name} rate_limit: pipeline cancelled",
+                                                    transient=True))
+            raise
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue        # its caller was cancelled; the script ran anyway
+            if isinstance(reply, BaseException):
+                future.set_exception(self._error("rate_limit", reply))
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, batch: list[tuple[list[str], list, asyncio.Future]]) -> list:
+        # EVALSHA queued as a raw command: redis-py's Script objects would add a SCRIPT EXISTS
+        # round trip to every pipeline, and its cluster pipeline refuses `.evalsha()` although
+        # it routes the raw command by its keys (all of one slot here) like any other
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.execute_command("EVALSHA", self._ratelimit_sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
 
     async def zadd(self, key: str, member: str, score: float) -> None:
         check_member(member)
@@ -424,6 +637,8 @@ class RedisStore:
     async def close(self) -> None:
         for sub in list(self._subscriptions):
             await sub.close()
+        if self._batches:   # pipelines in flight end within the socket timeout
+            await asyncio.gather(*self._batches, return_exceptions=True)
         try:
             await self._client.aclose()
         except _DRIVER_ERRORS:
