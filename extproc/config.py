@@ -450,6 +450,64 @@ class RateLimits(_Closed):
         return self
 
 
+class RlsLimit(_Closed):
+    """envoyproxy/ratelimit's `rate_limit`, plus the algorithm (its own service has fixed windows only)."""
+    unit: Literal["second", "minute", "hour", "day", "month"] = "second"
+    requests_per_unit: Annotated[int, Field(ge=0)] = 0
+    unlimited: bool = False
+    algorithm: Literal["fixed_window", "sliding_window", "token_bucket"] = "fixed_window"
+
+    @model_validator(mode="after")
+    def _limit(self) -> RlsLimit:
+        if not self.unlimited and self.requests_per_unit < 1:
+            raise ValueError("requests_per_unit must be at least 1 (or set unlimited: true)")
+        if self.algorithm == "token_bucket" and self.unit == "month":
+            raise ValueError("a token bucket refills at a rate: use a window for monthly quotas")
+        return self
+
+
+class RlsDescriptor(_Closed):
+    """One level of envoyproxy/ratelimit's descriptor tree: key, optional value, a limit, children."""
+    key: Annotated[str, Field(min_length=1)]
+    value: str | None = None
+    rate_limit: RlsLimit | None = None
+    descriptors: list[RlsDescriptor] = Field(default_factory=list)
+    shadow_mode: bool = False
+    name: Annotated[str, Field(pattern=_NAME)] | None = None     # metric label; default derived from keys
+
+
+class RlsDomain(_Closed):
+    domain: Annotated[str, Field(min_length=1)]
+    descriptors: list[RlsDescriptor] = Field(default_factory=list)
+
+
+class RateLimitService(_Closed):
+    """envoy.service.ratelimit.v3.RateLimitService: a drop-in for envoyproxy/ratelimit."""
+    domains: list[RlsDomain] = Field(default_factory=list)
+    failure_mode: Literal["open", "closed"] = "open"     # store down: OK (open) or gRPC UNAVAILABLE (closed)
+    store_timeout_ms: Annotated[int, Field(ge=1, le=1000)] = 20
+
+    @model_validator(mode="after")
+    def _unique(self) -> RateLimitService:
+        names = [d.domain for d in self.domains]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"domains must be unique: {', '.join(sorted(dup))}")
+        return self
+
+
+class Concurrency(_Closed):
+    """In-flight caps enforced by ext_proc, per replica: a permit is taken at request headers and
+    given back when the stream ends for any reason."""
+    global_limit: Annotated[int, Field(ge=1)] | None = None      # the dual-port gateway's 100
+    default_route_limit: Annotated[int, Field(ge=1)] | None = None   # its 10, per route (policy name)
+    routes: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)   # policy -> cap
+    exclude_policies: list[str] = Field(default_factory=list)    # long-lived streams (SSE, WebSocket)
+    over_limit_status: Literal[429, 503] = 503
+    queue_timeout_ms: Annotated[int, Field(ge=0, le=2000)] = 0  # wait this long for a permit; < message_timeout
+    mode: Literal["enforce", "shadow"] = "enforce"
+
+
 class Config(_Closed):
     server: Server = Field(default_factory=Server)
     admin: Admin = Field(default_factory=Admin)
@@ -458,6 +516,8 @@ class Config(_Closed):
     api_keys: ApiKeys | None = None
     policies: dict[str, Policy] = Field(default_factory=dict)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
+    ratelimit_service: RateLimitService = Field(default_factory=RateLimitService)
+    concurrency: Concurrency = Field(default_factory=Concurrency)
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
 
