@@ -111,10 +111,11 @@ class Runtime:
     keys: dict[str, tuple[ProviderRules, KeySet]] = field(default_factory=dict)
     sources: dict[str, KeySource] = field(default_factory=dict)
     introspectors: dict[str, Any] = field(default_factory=dict)
+    ratelimiter: Any = None
 
     @classmethod
     def build(cls, cfg: cfgmod.Config, revocations: Any = None, api_keys: Any = None,
-              previous: Runtime | None = None) -> Runtime:
+              previous: Runtime | None = None, store: Any = None, fallback: Any = None) -> Runtime:
         policies = compile_policies(cfg)
         keys: dict[str, tuple[ProviderRules, KeySet]] = {}
         sources = {name: KeySource(name, p, keys) for name, p in cfg.providers.items() if p.introspection is None}
@@ -132,8 +133,15 @@ class Runtime:
                 introspectors[name] = Introspector(p.introspection, secret)
         identity = Identity(policies, keys, sources, introspectors=introspectors, api_keys=api_keys,
                             revocations=revocations)
+        from .services.ratelimit import RateLimiter
+        from .store.memory import MemoryStore
+
+        ratelimiter = RateLimiter(cfg.rate_limits, store if store is not None else MemoryStore(),
+                                  fallback=fallback)
+        if previous is not None and previous.ratelimiter.store is ratelimiter.store:
+            ratelimiter.deny_cache = previous.ratelimiter.deny_cache   # still true after a reload
         return cls(config=cfg, policies=policies, max_header_bytes=cfg.server.max_header_bytes, identity=identity,
-                   keys=keys, sources=sources, introspectors=introspectors)
+                   keys=keys, sources=sources, introspectors=introspectors, ratelimiter=ratelimiter)
 
     async def start(self) -> None:
         await asyncio.gather(*(s.start() for s in self.sources.values()))
@@ -195,7 +203,12 @@ class Worker:
             ak = cfg.api_keys
             self.apikeys = ApiKeyRegistry(ak.keys, self.store if ak.from_store else None,
                                           cache_seconds=ak.cache_seconds)
-        self.runtime = Runtime.build(cfg, self.revocations, self.apikeys)
+        # fail-open rate limits keep limiting per replica on this while the store is down
+        from .store.memory import MemoryStore
+
+        self.local_limits = MemoryStore(max_keys=100_000)
+        self.runtime = Runtime.build(cfg, self.revocations, self.apikeys, store=self.store,
+                                     fallback=self.local_limits)
         self.store_up: bool | None = None
         self.draining = False
         self.health = health.aio.HealthServicer()
@@ -234,9 +247,11 @@ class Worker:
         if self.with_admin:
             from .admin.server import AdminServer
 
-            self.admin = AdminServer(self.cfg.admin, self, apikeys=self.apikeys, revocations=self.revocations)
+            self.admin = AdminServer(self.cfg.admin, self, apikeys=self.apikeys, revocations=self.revocations,
+                                     ratelimiter=lambda: self.runtime.ratelimiter)
             await self.admin.start()
         self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
+        self._tasks.append(asyncio.create_task(self._follow_ratelimit_resets(), name="rl-resets"))
         if self.config_path is not None:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
         metrics.READY.set(1)
@@ -314,7 +329,8 @@ class Worker:
                 ak = new.api_keys
                 self.apikeys.update_config(ak.keys if ak else [])
                 self.apikeys.store = self.store if ak and ak.from_store else None
-            rt = Runtime.build(new, self.revocations, self.apikeys, previous=self.runtime)
+            rt = Runtime.build(new, self.revocations, self.apikeys, previous=self.runtime, store=self.store,
+                               fallback=self.local_limits)
             await rt.start()
             kept_server = self.cfg.server.model_copy(update={"max_header_bytes": new.server.max_header_bytes})
             old, self.runtime, self.cfg = self.runtime, rt, new.model_copy(
@@ -334,6 +350,28 @@ class Worker:
             sig = _config_signature(self.config_path)
             if sig is not None and sig != self._config_sig:
                 await self.reload("file changed")
+
+    async def _follow_ratelimit_resets(self) -> None:
+        """An admin reset on any replica clears every replica's local over-limit memory."""
+        from .store import keys as keyspace
+
+        channel = keyspace.channel("rl", "reset")
+        while True:
+            try:
+                sub = await self.store.subscribe(channel)
+                # resets published while we were not listening are lost: forget all local
+                # over-limit memory (it only saves store calls) whenever we (re)subscribe
+                self.runtime.ratelimiter.deny_cache.clear()
+                try:
+                    async for msg in sub:
+                        self.runtime.ratelimiter.forget(msg)
+                finally:
+                    await sub.close()
+            except StoreError:
+                pass
+            except Exception:  # noqa: BLE001 - this follower must outlive any driver surprise
+                log.exception("rate-limit reset follower failed; resubscribing")
+            await asyncio.sleep(1.0)
 
     # -- store health -----------------------------------------------------------------------------
     async def _probe_store(self) -> None:

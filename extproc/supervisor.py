@@ -111,7 +111,13 @@ class Supervisor:
             ak = self.cfg.api_keys
             if ak is not None:
                 apikeys = ApiKeyRegistry(ak.keys, store if ak.from_store else None, cache_seconds=ak.cache_seconds)
-        admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations)
+        ratelimiter = None
+        if store is not None:
+            from .services.ratelimit import RateLimiter
+
+            limiter = RateLimiter(self.cfg.rate_limits, store)
+            ratelimiter = lambda: limiter  # noqa: E731
+        admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations, ratelimiter=ratelimiter)
         await admin.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.stop()))

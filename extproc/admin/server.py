@@ -8,6 +8,7 @@ GET  /readyz    readiness: config loaded and not draining (503 otherwise); the s
 GET  /config    the config in force, secrets redacted
 POST /reload    reload extproc.yaml now (bearer token required)
 GET|POST /apikeys, DELETE /apikeys/{id}   store-managed API keys (bearer token required)
+POST /ratelimits/reset   {"rule", "values"}: one partition of a rule starts afresh (bearer token required)
 POST /revoke    revoke a token (jti or digest) or every token of a subject (bearer token required)
 
 Mutating endpoints need `Authorization: Bearer <token>` with the token from admin.token_file
@@ -23,6 +24,7 @@ from typing import Protocol
 from aiohttp import web
 
 from .. import config as cfgmod
+from ..store import StoreError
 from ..telemetry import metrics
 
 log = logging.getLogger("extproc.admin")
@@ -44,11 +46,12 @@ def _split(listen: str) -> tuple[str, int]:
 
 
 class AdminServer:
-    def __init__(self, cfg: cfgmod.Admin, target: Target, apikeys=None, revocations=None):
+    def __init__(self, cfg: cfgmod.Admin, target: Target, apikeys=None, revocations=None, ratelimiter=None):
         self.cfg = cfg
         self.target = target
         self.apikeys = apikeys
         self.revocations = revocations
+        self.ratelimiter = ratelimiter     # callable returning the RateLimiter in force
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -63,6 +66,8 @@ class AdminServer:
             from .apikeys import add_routes as add_apikey_routes
 
             add_apikey_routes(app, self.apikeys, self._authorized, audit)
+        if self.ratelimiter is not None:
+            app.router.add_post("/ratelimits/reset", self.ratelimit_reset)
         if self.revocations is not None:
             from .revocation import add_routes as add_revocation_routes
 
@@ -114,6 +119,28 @@ class AdminServer:
 
     async def config(self, request: web.Request) -> web.Response:
         return web.json_response(cfgmod.redacted(self.target.cfg))
+
+    async def ratelimit_reset(self, request: web.Request) -> web.Response:
+        """POST {"rule": NAME, "values": [count-by values in order]}: that partition starts afresh."""
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        try:
+            body = await request.json()
+            rule, values = body["rule"], body["values"]
+            if not isinstance(rule, str) or not isinstance(values, list) or not values \
+                    or not all(isinstance(v, str) and v for v in values):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "expected {\"rule\": NAME, \"values\": [VALUE, ...]}"}, status=400)
+        try:
+            deleted = await self.ratelimiter().reset(rule, values)
+        except KeyError:
+            return web.json_response({"error": f"no rate-limit rule {rule!r}"}, status=404)
+        except StoreError as exc:
+            return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
+        audit.info("rate limit reset", extra={"action": "ratelimit.reset", "rule": rule})
+        return web.json_response({"rule": rule, "deleted": deleted})
 
     async def reload(self, request: web.Request) -> web.Response:
         denied = self._authorized(request)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from .reasons import Reason
 
@@ -24,6 +25,8 @@ class Decision:
     policy: str = ""
     rule: str = ""
     would_deny: bool = False                            # shadow mode: decided deny, allowed anyway
+    response_headers: tuple[tuple[str, str], ...] = ()  # allowed: added to the client's response
+    principal: Any = None                               # who was authenticated (core.authorize.Principal)
 
 
 def allow(reason: Reason = Reason.OK, *, policy: str = "", rule: str = "",
@@ -47,5 +50,5 @@ def deny(status: int, reason: Reason, message: str, *, policy: str = "", rule: s
                     body=json_body(status, reason, message, rule), policy=policy, rule=rule)
 
 
-_STATUS_WORDS = {401: "unauthorized", 403: "forbidden", 429: "too_many_requests",
+_STATUS_WORDS = {401: "unauthorized", 403: "forbidden", 429: "too_many_requests", 404: "not_found",
                  431: "request_header_fields_too_large", 503: "unavailable"}

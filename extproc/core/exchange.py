@@ -2,9 +2,14 @@
 
 Envoy sends, per HTTP exchange, request headers, then (optionally) bodies and trailers, then
 response headers for the upstream's reply or Envoy's own local reply (503/504). The servicer
-asks `Exchange.step(kind)` and performs the action it names; fixed rules live in the table
+asks `Exchange.step(kind)` and performs the action it names; fixed rules live in the tables
 below. A stream that ends before response headers means the client went away (or a filter
 before us answered): a normal end, counted, never an error.
+
+The message that `opens` the exchange (request headers) is where the concurrency permit is
+taken (core/concurrency.py). Over the cap, `step(kind, over_limit=True)` follows `OVER_LIMIT`
+instead: REJECT (an ImmediateResponse) and the exchange is over; Envoy sends nothing more for
+it (no response headers for its own immediate response), then ends the stream.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ class Phase(Enum):
     AWAIT_REQUEST_HEADERS = "await_request_headers"
     AWAIT_RESPONSE_HEADERS = "await_response_headers"
     AWAIT_RESPONSE_END = "await_response_end"
+    REJECTED = "rejected"                # answered at request headers; nothing more is expected
 
 
 class Action(Enum):
     CONTINUE = "continue"                # reply CONTINUE, change nothing
     CONTINUE_WITH_TIMING = "timing"      # reply CONTINUE, add Server-Timing to the response
+    REJECT = "reject"                    # reply with an ImmediateResponse (over the concurrency cap)
 
 
 # (phase, message kind) -> (action, next phase); a kind not listed for a phase is answered
@@ -31,14 +38,24 @@ TABLE: dict[tuple[Phase, str], tuple[Action, Phase]] = {
     (Phase.AWAIT_RESPONSE_HEADERS, "response_headers"): (Action.CONTINUE_WITH_TIMING, Phase.AWAIT_RESPONSE_END),
 }
 
+# The same steps when the concurrency cap is full: only the opening message can be rejected.
+OVER_LIMIT: dict[tuple[Phase, str], tuple[Action, Phase]] = {
+    (Phase.AWAIT_REQUEST_HEADERS, "request_headers"): (Action.REJECT, Phase.REJECTED),
+}
+
 
 @dataclass(slots=True)
 class Exchange:
     phase: Phase = Phase.AWAIT_REQUEST_HEADERS
     decision_seconds: float = 0.0        # the sidecar's own time on this exchange
 
-    def step(self, kind: str) -> Action:
-        action, nxt = TABLE.get((self.phase, kind), (Action.CONTINUE, self.phase))
+    def opens(self, kind: str) -> bool:
+        """`kind` starts the exchange now: the message a concurrency permit is taken at."""
+        return (self.phase, kind) in OVER_LIMIT
+
+    def step(self, kind: str, over_limit: bool = False) -> Action:
+        key = (self.phase, kind)
+        action, nxt = (over_limit and OVER_LIMIT.get(key)) or TABLE.get(key, (Action.CONTINUE, self.phase))
         self.phase = nxt
         return action
 
@@ -48,6 +65,8 @@ class Exchange:
             return "complete"
         if self.phase is Phase.AWAIT_RESPONSE_HEADERS:
             return "client_gone"         # no response headers: the client aborted or a filter replied
+        if self.phase is Phase.REJECTED:
+            return "rejected"            # over the concurrency cap, answered by us
         return "empty"
 
 

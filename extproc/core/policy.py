@@ -193,11 +193,12 @@ def grant(policy: CompiledPolicy, policies: PolicySet, principal: Principal, exp
 def allow_granted(policy: CompiledPolicy, g: Granted, rule: str = "",
                   remove_query: tuple[str, ...] = ()) -> Decision:
     return Decision(True, Reason.OK, headers=g.headers, remove_headers=g.remove, remove_query=remove_query,
-                    metadata=g.metadata, policy=policy.name, rule=rule or "authn")
+                    metadata=g.metadata, policy=policy.name, rule=rule or "authn", principal=g.principal)
 
 
 def allow_public(policy: CompiledPolicy, policies: PolicySet, rule: str = "") -> Decision:
-    return Decision(True, Reason.PUBLIC, remove_headers=policies.strip_headers, policy=policy.name, rule=rule)
+    return Decision(True, Reason.PUBLIC, remove_headers=policies.strip_headers, policy=policy.name, rule=rule,
+                    principal=ANONYMOUS)
 
 
 def shadowed(policy: CompiledPolicy, policies: PolicySet, d: Decision) -> Decision:

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     RULE_DENIED = "rule_denied"                    # a named deny rule matched (the rule label names it)
     NO_ALLOW_RULE = "no_allow_rule"                # allow rules exist and none matched
     IP_DENIED = "ip_denied"
+    RATE_LIMITED = "rate_limited"
+    RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"   # a fail-closed rule could not be checked: 503
     POLICY_UNKNOWN = "policy_unknown"
     HEADERS_TOO_LARGE = "headers_too_large"
     STORE_ERROR = "store_error"

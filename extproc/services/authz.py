@@ -21,10 +21,12 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from ..core import policy as core_policy
+from ..core.authorize import ANONYMOUS
 from ..core.decision import Decision, deny
 from ..core.reasons import Reason
 from ..core.request import Request
 from ..telemetry import metrics
+from .ratelimit import add_answer_headers
 
 log = logging.getLogger("extproc.authz")
 
@@ -47,6 +49,7 @@ def request_from_check(check: pb.CheckRequest) -> Request:
         path=http.path,
         headers=headers,
         policy=attrs.context_extensions.get("policy"),
+        route=attrs.context_extensions.get("route", ""),
         client_ip=attrs.source.address.socket_address.address,
         request_id=headers.get("x-request-id", ""),
     )
@@ -63,10 +66,12 @@ def _header_options(headers: tuple[tuple[str, str], ...]) -> list[base_pb2.Heade
 
 def to_check_response(d: Decision, timing_header: str | None = None) -> pb.CheckResponse:
     if d.allowed:
-        if not d.headers and not d.remove_headers and not d.metadata and timing_header is None:
+        if (not d.headers and not d.remove_headers and not d.metadata and not d.response_headers
+                and timing_header is None):
             return _PLAIN_OK
         ok = pb.OkHttpResponse(headers=_header_options(d.headers), headers_to_remove=list(d.remove_headers),
-                               query_parameters_to_remove=list(d.remove_query))
+                               query_parameters_to_remove=list(d.remove_query),
+                               response_headers_to_add=_header_options(d.response_headers))
         if timing_header is not None:
             ok.response_headers_to_add.append(base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key="server-timing", value=timing_header),
@@ -102,6 +107,12 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
                     decision = core_policy.unknown_policy(req.policy or "", rt.policies)
                 else:
                     decision = await rt.identity.decide(req, policy, time.time())
+                    if decision.allowed and not decision.would_deny and not rt.ratelimiter.empty:
+                        limited, verdict = await rt.ratelimiter.decide(req, policy, decision.principal or ANONYMOUS)
+                        if limited is not None:
+                            decision = limited
+                        elif verdict is not None and rt.ratelimiter.cfg.headers:
+                            decision = add_answer_headers(decision, verdict)
         except Exception:  # noqa: BLE001 - a request we cannot judge is an UNAVAILABLE, never a crash
             log.exception("check failed")
             metrics.child(metrics.DECISIONS, "authz", "", "error", Reason.INTERNAL.value).inc()

@@ -23,6 +23,9 @@ from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
 
 pytestmark = pytest.mark.e2e
 
+# these tests load one user far past the demo's per-user quota: rate limits are not under test here
+NO_LIMITS = {"rate_limits.rules": []}
+
 
 class Load:
     """A bounded background load of GETs; records every status (0 = connection error)."""
@@ -68,7 +71,7 @@ def own_stack(tmp_path):
     s = new_stack(tmp_path / "stack")
     try:
         s.start_upstream()
-        s.write_sidecar_config()
+        s.write_sidecar_config(NO_LIMITS)
         yield s
     finally:
         s.stop()
@@ -148,7 +151,7 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
 
     try:
         s.start_upstream()
-        s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url}}})
+        s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url}}, **NO_LIMITS})
         sup = s.start_sidecar()
         wait_until(both_up, what="both workers up")
         s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
@@ -218,7 +221,8 @@ def test_redis_unreachable_at_start_is_one_clear_error(own_stack):
     from tests.support.procs import free_port
 
     dead = free_port()
-    s.write_sidecar_config({"store": {"redis": {"url": f"redis://127.0.0.1:{dead}/0", "timeout_ms": 50}}})
+    s.write_sidecar_config({"store": {"redis": {"url": f"redis://127.0.0.1:{dead}/0", "timeout_ms": 50}},
+                            **NO_LIMITS})
     side = s.start_sidecar()
     detail = get_json(f"{s.sidecar_admin}/readyz")
     wait_until(lambda: get_json(f"{s.sidecar_admin}/readyz")["store"]["up"] is False, what="store down reported")

@@ -1,0 +1,289 @@
+"""Rate limits decided inside ext_authz, after identity: one store round trip per request.
+
+Theory of operation. Each configured rule that matches the request (its policies, its `when`
+conditions, its API-key tiers) becomes one counter, keyed by the rule and the values it counts by
+(user, org, API key, IP, route, policy, method, a header or a claim; `global` is one counter for
+everyone). All of a request's enforced counters go to the store in ONE call: counters whose keys
+share a hash tag are checked and charged atomically in one script, and a rejected request is
+charged against none of them (across Cluster slots: charge, then refund on rejection). The
+hash tag is the request's first count-by value, so "per user" and "per user and route" share a
+slot. Shadow rules are sent as separate calls in the same event-loop tick (the store pipelines
+them into the same round trip), so a shadow rule's rejection never changes what is charged.
+
+A key known to be over its limit is remembered locally until its reset (no store call for a
+flood from one client). When the store does not answer within `store_timeout_ms`: fail-open
+rules keep limiting per replica on an in-memory store (`local_fallback`), fail-closed rules
+answer 503 with Retry-After (the client did nothing wrong); the transition is logged once.
+A count-by value that is absent (no user on an anonymous request) skips the rule, or counts by
+the client IP when the rule says `missing: ip` — never one shared bucket by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as cfgmod
+from ..core.authorize import Principal, RuleSet
+from ..core.decision import Decision, deny
+from ..core.policy import CompiledPolicy
+from ..core.ratelimit import DenyCache, Limit, Outcome, Verdict
+from ..core.reasons import Reason
+from ..core.request import Request
+from ..store import StoreError
+from ..store import keys as keyspace
+from ..store.base import RateCheck, RateResult
+from ..telemetry import metrics
+
+log = logging.getLogger("extproc.ratelimit")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    name: str
+    policies: frozenset[str]
+    match: RuleSet | None
+    api_key_tiers: frozenset[str]
+    count_by: tuple[str, ...]
+    limit: Limit
+    tier_limits: dict[str, Limit]
+    shadow: bool
+    fail_closed: bool
+    missing_ip: bool
+
+
+def _compile(rule: cfgmod.RateRule) -> CompiledRule:
+    def limit_for(limit: int, burst: int | None) -> Limit:
+        return Limit.from_rule(rule.name, rule.algorithm, limit, rule.period, burst=burst, cost=rule.cost)
+
+    match = None
+    if rule.when != cfgmod.Conditions():
+        match = RuleSet.compile([cfgmod.Rule(name=rule.name, effect="allow", when=rule.when)])
+    return CompiledRule(
+        name=rule.name, policies=frozenset(rule.policies), match=match, api_key_tiers=frozenset(rule.api_key_tiers),
+        count_by=tuple(rule.count_by), limit=limit_for(rule.limit, rule.burst),
+        tier_limits={t: limit_for(tl.limit, tl.burst) for t, tl in rule.tiers.items()},
+        shadow=rule.mode == "shadow", fail_closed=rule.fail == "closed", missing_ip=rule.missing == "ip")
+
+
+def _part(kind: str, req: Request, policy: CompiledPolicy, p: Principal) -> str | None:
+    if kind == "user":
+        return p.subject or None
+    if kind == "org":
+        v = p.claims.get("org")
+        return str(v) if isinstance(v, str | int) and not isinstance(v, bool) and v != "" else None
+    if kind == "api_key":
+        v = p.claims.get("key_id") if p.kind == "api_key" else None
+        return v if isinstance(v, str) and v else None
+    if kind == "ip":
+        return req.client_ip or None
+    if kind == "route":
+        return req.route or policy.name
+    if kind == "policy":
+        return policy.name
+    if kind == "method":
+        return req.method
+    if kind == "global":
+        return "*"
+    what, _, name = kind.partition(":")
+    if what == "header":
+        return req.headers.get(name) or None
+    if what == "claim":
+        v = p.claims.get(name)
+        return str(v) if isinstance(v, str | int) and not isinstance(v, bool) and v != "" else None
+    return None
+
+
+def _tag(value: str) -> str:
+    # hash tags must not contain braces; long or odd values become a short digest
+    if len(value) <= 64 and "}" not in value and "{" not in value and ":" not in value:
+        return value
+    return "h" + hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+class RateLimiter:
+    """All rate-limit rules of one config; counters live in the store (and survive reloads)."""
+
+    def __init__(self, cfg: cfgmod.RateLimits, store, fallback=None):
+        self.cfg = cfg
+        self.rules = tuple(_compile(r) for r in cfg.rules)
+        self.store = store
+        self.fallback = fallback           # per-replica MemoryStore for fail-open rules
+        self.timeout = cfg.store_timeout_ms / 1000
+        self.deny_cache = DenyCache()
+        self._store_ok = True
+
+    @property
+    def empty(self) -> bool:
+        return not self.rules
+
+    def checks_for(self, req: Request, policy: CompiledPolicy, p: Principal) -> list[tuple[CompiledRule, RateCheck]]:
+        out = []
+        tier = p.claims.get("tier") if p.claims else None
+        for rule in self.rules:
+            if rule.policies and policy.name not in rule.policies:
+                continue
+            if rule.api_key_tiers and not (p.kind == "api_key" and tier in rule.api_key_tiers):
+                continue
+            if rule.match is not None and not rule.match.evaluate(req, p).allowed:
+                continue
+            parts = []
+            for kind in rule.count_by:
+                v = _part(kind, req, policy, p)
+                if v is None:
+                    if rule.missing_ip and req.client_ip:
+                        v = "ip=" + req.client_ip
+                    else:
+                        parts = None
+                        break
+                parts.append(v)
+            if parts is None:
+                continue           # documented: an absent count-by value skips the rule
+            limit = rule.tier_limits.get(tier, rule.limit) if isinstance(tier, str) else rule.limit
+            tag = _tag(parts[0] if rule.count_by[0] != "global" else f"global.{rule.name}")
+            extra = [_tag(v) for v in parts[1:]]
+            key = keyspace.key("rl", tag, rule.name, *extra, limit.state_suffix)
+            out.append((rule, RateCheck(key, limit)))
+        return out
+
+    async def _call(self, store, checks: list[RateCheck], now_ms: int | None = None) -> list[RateResult]:
+        return await asyncio.wait_for(store.rate_limit(checks, now_ms) if now_ms is not None
+                                      else store.rate_limit(checks), self.timeout)
+
+    def _mark_store(self, ok: bool, error: str = "") -> None:
+        if ok != self._store_ok:
+            self._store_ok = ok
+            if ok:
+                log.info("rate-limit store answering again")
+            else:
+                log.error("rate-limit store not answering; fail-open rules use the local limiter, "
+                          "fail-closed rules answer 503", extra={"error": error})
+
+    async def decide(self, req: Request, policy: CompiledPolicy, p: Principal) -> tuple[Decision | None, Verdict | None]:
+        """(a deny decision or None, the verdict for the answer headers or None)."""
+        pairs = self.checks_for(req, policy, p)
+        if not pairs:
+            return None, None
+        now_ms = int(time.time() * 1000)
+        enforced = [(r, c) for r, c in pairs if not r.shadow]
+        shadow = [(r, c) for r, c in pairs if r.shadow]
+
+        # a key known to be over its limit answers without a store call
+        hits = [o for _, c in enforced if (o := self.deny_cache.lookup(c.key, c.units, now_ms)) is not None]
+        if hits:
+            verdict = Verdict.of(hits)
+            for o in hits:
+                metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "over_limit_cached").inc()
+            return self._reject(policy, verdict), verdict
+
+        calls = []
+        if enforced:
+            calls.append(self._call(self.store, [c for _, c in enforced]))
+        calls.extend(self._call(self.store, [c]) for _, c in shadow)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        metrics.child(metrics.STORE_SECONDS, "rate_limit").observe(time.perf_counter() - t0)
+
+        outcomes: list[Outcome] = []
+        if enforced:
+            first = results[0]
+            if isinstance(first, BaseException):
+                decision, fallback_outcomes = await self._store_failed(first, policy, enforced)
+                if decision is not None:
+                    return decision, None
+                outcomes = fallback_outcomes
+            else:
+                self._mark_store(True)
+                outcomes = [r.outcome for r in first]
+        for (rule, _), res in zip(shadow, results[1 if enforced else 0:], strict=False):
+            if isinstance(res, BaseException):
+                continue
+            o = res[0].outcome
+            metrics.child(metrics.RATELIMIT_DECISIONS, rule.name, "shadow_over_limit" if not o.allowed
+                          else "shadow_ok").inc()
+        verdict = Verdict.of(outcomes) if outcomes else None
+        if verdict is None:
+            return None, None
+        for o in outcomes:
+            metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "ok" if o.allowed else "over_limit").inc()
+        if verdict.allowed:
+            return None, verdict
+        for (_, c), o in zip(enforced, outcomes, strict=False):
+            if not o.allowed:
+                self.deny_cache.remember(c.key, c.units, o, now_ms)
+        return self._reject(policy, verdict), verdict
+
+    async def _store_failed(self, exc: BaseException, policy: CompiledPolicy, enforced):
+        kind = "timeout" if isinstance(exc, TimeoutError) or getattr(exc, "timeout", False) else "error"
+        if not isinstance(exc, StoreError | TimeoutError):
+            raise exc
+        metrics.child(metrics.STORE_ERRORS, getattr(self.store, "name", "store"), kind).inc()
+        self._mark_store(False, f"{type(exc).__name__}: {exc}")
+        closed = [r.name for r, _ in enforced if r.fail_closed]
+        if closed:
+            for name in closed:
+                metrics.child(metrics.RATELIMIT_DECISIONS, name, "store_unavailable").inc()
+            # the configured answer of a fail-closed rule: 503 with Retry-After (not 429: the
+            # client did nothing wrong), a reply Envoy passes on as it is
+            return deny(503, Reason.RATELIMIT_UNAVAILABLE, "rate limits cannot be checked right now", policy=policy.name, rule=closed[0],
+                        headers=(("retry-after", "1"),)), []
+        if self.fallback is None or not self.cfg.local_fallback:
+            for r, _ in enforced:
+                metrics.child(metrics.RATELIMIT_DECISIONS, r.name, "fail_open").inc()
+            return None, []
+        results = await self.fallback.rate_limit([c for _, c in enforced])
+        for r, _ in enforced:
+            metrics.child(metrics.RATELIMIT_DECISIONS, r.name, "local_fallback").inc()
+        return None, [res.outcome for res in results]
+
+    def _reject(self, policy: CompiledPolicy, verdict: Verdict) -> Decision:
+        rule = verdict.rejected_by[0] if verdict.rejected_by else ""
+        d = deny(429, Reason.RATE_LIMITED, f"rate limit {rule} exceeded", policy=policy.name, rule=rule,
+                 headers=tuple(verdict.headers()))
+        return d
+
+    async def reset(self, rule_name: str, values: list[str]) -> int:
+        """Forget one partition's counters of a rule (admin API). Returns keys deleted."""
+        rule = next((r for r in self.rules if r.name == rule_name), None)
+        if rule is None:
+            raise KeyError(rule_name)
+        limits = [rule.limit, *rule.tier_limits.values()]
+        tag = _tag(values[0]) if rule.count_by[0] != "global" else _tag(f"global.{rule.name}")
+        extra = [_tag(v) for v in values[1:]]
+        keys = [keyspace.key("rl", tag, rule.name, *extra, lim.state_suffix) for lim in limits]
+        for k in keys:
+            self.deny_cache.forget(k)
+        n = await self.store.delete(*keys)
+        if self.fallback is not None:
+            await self.fallback.delete(*keys)
+        # every replica forgets its local "known over limit" memory of these keys
+        await self.store.publish(keyspace.channel("rl", "reset"), json.dumps(keys).encode())
+        return n
+
+    def forget(self, raw: bytes) -> None:
+        try:
+            keys = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(keys, list):
+            for k in keys:
+                if isinstance(k, str):
+                    self.deny_cache.forget(k)
+
+
+def add_answer_headers(d: Decision, verdict: Verdict | None) -> Decision:
+    """Allowed responses carry the tightest rule's rate-limit headers."""
+    if verdict is None or not d.allowed:
+        return d
+    from dataclasses import replace
+
+    return replace(d, response_headers=tuple(verdict.headers()))
+
+
+def principal_of(d: Decision) -> Any:
+    return d.principal
