@@ -207,6 +207,10 @@ class Worker:
         from .store.memory import MemoryStore
 
         self.local_limits = MemoryStore(max_keys=100_000)
+        from .core.concurrency import ConcurrencyLimiter
+
+        self.concurrency = ConcurrencyLimiter.compile(cfg.concurrency)   # in-flight counts outlive reloads
+        self.processor: ExternalProcessorService | None = None
         self.runtime = Runtime.build(cfg, self.revocations, self.apikeys, store=self.store,
                                      fallback=self.local_limits)
         self.store_up: bool | None = None
@@ -233,8 +237,8 @@ class Worker:
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(self.runtime_ref), server)
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorService(self.runtime_ref), server)
+        self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -337,6 +341,8 @@ class Worker:
                 update={"server": kept_server, "store": self.cfg.store})
             if self.admin is not None:
                 self.admin.cfg = self.cfg.admin   # a rotated admin token applies at once
+            if self.processor is not None:
+                self.processor.sync_limits(rt.config.concurrency)
             await old.close()
             metrics.CONFIG_RELOADS.labels("ok").inc()
             metrics.CONFIG_LOADED_AT.set(time.time())
@@ -400,6 +406,7 @@ class Worker:
             "store": {"kind": self.store.name, "up": self.store_up},
             "providers": providers,
             "revocations": self.revocations.status(),
+            "concurrency": self.concurrency.snapshot(),
         }
         return (not self.draining), detail
 

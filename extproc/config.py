@@ -504,7 +504,9 @@ class Concurrency(_Closed):
     routes: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)   # policy -> cap
     exclude_policies: list[str] = Field(default_factory=list)    # long-lived streams (SSE, WebSocket)
     over_limit_status: Literal[429, 503] = 503
-    queue_timeout_ms: Annotated[int, Field(ge=0, le=2000)] = 0  # wait this long for a permit; < message_timeout
+    # wait this long for a permit; must stay below ext_proc's message_timeout (500 ms in envoy.yaml),
+    # or Envoy answers 504 first
+    queue_timeout_ms: Annotated[int, Field(ge=0, le=450)] = 0
     mode: Literal["enforce", "shadow"] = "enforce"
 
 
@@ -540,6 +542,12 @@ class Config(_Closed):
                 if pol not in self.policies:
                     out.append((("rate_limits", "rules", str(i), "policies", str(j)),
                                 f"unknown policy {pol!r} (defined: {sorted(self.policies) or 'none'})"))
+        for field in ("routes", "exclude_policies"):
+            for name in getattr(self.concurrency, field):
+                if name not in self.policies:
+                    out.append((("concurrency", field, name) if field == "routes" else ("concurrency", field),
+                                f"unknown policy {name!r}: routes are the policy names the Envoy routes pass "
+                                f"(defined: {sorted(self.policies) or 'none'})"))
         if self.default_policy is not None and self.default_policy not in self.policies:
             out.append((("default_policy",), f"{self.default_policy!r} is not a defined policy "
                                              f"(defined: {sorted(self.policies) or 'none'})"))

@@ -37,6 +37,7 @@ class Reason(StrEnum):
     NO_ALLOW_RULE = "no_allow_rule"                # allow rules exist and none matched
     IP_DENIED = "ip_denied"
     RATE_LIMITED = "rate_limited"
+    CONCURRENCY_LIMIT = "concurrency_limit"
     RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"   # a fail-closed rule could not be checked: 503
     POLICY_UNKNOWN = "policy_unknown"
     HEADERS_TOO_LARGE = "headers_too_large"

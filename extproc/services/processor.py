@@ -31,7 +31,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
-from prometheus_client import Counter, Gauge
 
 from ..core.concurrency import ConcurrencyLimiter, Grant, Permit, Rejection, Ticket
 from ..core.exchange import Action, Exchange, server_timing
@@ -40,13 +39,8 @@ from ..telemetry import metrics
 log = logging.getLogger("extproc.processor")
 POLICY_METADATA = "x-extproc-policy"
 
-# TODO(lead): move these two to telemetry/metrics.py (all metrics live there) and import them.
-CONCURRENT_REQUESTS = Gauge(
-    "gateway_concurrent_requests", "ext_proc streams holding a concurrency permit (in-flight requests), by route "
-    "(the policy name the route gives ext_proc).", ["route"], multiprocess_mode="livesum")
-CONCURRENCY_LIMIT_REACHED = Counter(
-    "gateway_concurrency_limit_reached_total", "Requests that found their in-flight cap full (rejected, queued, "
-    "or let through in shadow mode), by route.", ["route"])
+CONCURRENT_REQUESTS = metrics.CONCURRENT_REQUESTS
+CONCURRENCY_LIMIT_REACHED = metrics.CONCURRENCY_LIMIT_REACHED
 
 _CONTINUE = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
@@ -88,16 +82,19 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime_ref, concurrency: ConcurrencyLimiter | None = None):
         self._runtime = runtime_ref
         self._timing = metrics.child(metrics.DECISION_SECONDS, "ext_proc")
-        cfg = runtime_ref().config.concurrency
-        self.concurrency = concurrency if concurrency is not None else ConcurrencyLimiter.compile(cfg)
-        self._limits_from = None            # the config object the limiter's limits came from
-        self._sync(cfg)
         self._waiters: dict[Ticket, asyncio.Future[Permit]] = {}
         self._replies: dict[Rejection, pb.ProcessingResponse] = {}
+        cfg = runtime_ref().config.concurrency
+        # the worker's in-flight state: outlives reloads (see sync_limits)
+        self.concurrency = concurrency if concurrency is not None else ConcurrencyLimiter.compile(cfg)
+        self._limits_from = None            # the config object the limiter's limits came from
+        self.sync_limits(cfg)
 
     # -- concurrency ------------------------------------------------------------------------------
-    def _sync(self, cfg) -> ConcurrencyLimiter:
-        """Follow a reload: same limiter (same counts), the new runtime's limits."""
+    def sync_limits(self, cfg) -> ConcurrencyLimiter:
+        """Follow a reload: same limiter (same counts), the new runtime's limits. Called per
+        stream (an identity check); the worker may also call it right after a reload so that
+        waiters a raised cap admits are woken at once."""
         if cfg is not self._limits_from:
             self._limits_from = cfg
             grants = self.concurrency.reconfigure(cfg)
@@ -172,7 +169,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         rt = self._runtime()
         policy = rt.policy_label(policy_of(context))
-        limiter = self._sync(rt.config.concurrency)
+        limiter = self.sync_limits(rt.config.concurrency)
         ex = Exchange()
         permit: Permit | None = None
         end = "error"        # until the stream ends normally or by Envoy's reset

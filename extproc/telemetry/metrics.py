@@ -72,6 +72,12 @@ RATELIMIT_DECISIONS = Counter(
 STORE_SECONDS = Histogram(
     "extproc_store_duration_seconds", "Store round trips on the request path, by operation.", ["op"],
     buckets=_LATENCY_BUCKETS)
+CONCURRENT_REQUESTS = Gauge(
+    "gateway_concurrent_requests", "ext_proc streams holding a concurrency permit (in-flight requests), by route "
+    "(the policy name the route gives ext_proc).", ["route"], multiprocess_mode="livesum")
+CONCURRENCY_LIMIT_REACHED = Counter(
+    "gateway_concurrency_limit_reached_total", "Requests that found their in-flight cap full (rejected, queued, "
+    "or let through in shadow mode), by route.", ["route"])
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 

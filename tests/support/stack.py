@@ -63,6 +63,8 @@ def sidecar_config(*, listen_port: int, admin_port: int, upstream_port: int, sta
     if state_dir is not None:
         intro["client_secret_file"] = str(state_dir / "introspection-secret")
     cfg["api_keys"]["cache_seconds"] = 0.5              # scaled down from 5 s
+    # tests burst far past the demo's 10 in-flight per route; the caps have their own tests
+    cfg["concurrency"] = {"global_limit": 10_000, "default_route_limit": 10_000}
     for key, value in (overrides or {}).items():
         target = cfg
         *parents, last = key.split(".")
