@@ -11,14 +11,15 @@ Per call:
   request's `hits_addend`, default 1). The enforced ones go to the store in ONE
   `store.rate_limit()` call, so the request is admitted or rejected as a whole and a rejected
   request is charged to none of them (envoyproxy/ratelimit charges every descriptor, even
-  when another one rejects). Shadow descriptors are checked each on its own, in calls made in
-  the same event-loop tick (the Redis store pipelines them with the enforced call into one
-  round trip): a shadow rule over its limit must never stop the enforced ones from being
-  charged, and each shadow counter then tells what that rule alone would reject.
+  when another one rejects). Shadow descriptors are checked each on its own, in calls started
+  together with the enforced one (concurrent, no sequential round trip; the Redis store
+  pipelines calls made while another is outstanding): a shadow rule over its limit must never
+  stop the enforced ones from being charged, and each shadow counter then tells what that
+  rule alone would reject.
 * All store calls together are bounded by `store_timeout_ms`. When they fail or time out,
   `failure_mode: open` answers OK with no headers (the filter lets the request through) and
   `closed` answers gRPC UNAVAILABLE (Envoy's `failure_mode_deny` then decides). The first
-  failure and the recovery are logged once; every failed call counts in
+  failure and the recovery are logged once; every failure counts in
   `extproc_store_errors_total` and `extproc_rls_decisions_total{result="store_error"}`.
 * A descriptor known to be over its limit is remembered (`DenyCache`) until it could pass:
   while it is, the enforced group is answered OVER_LIMIT without a store call (the store
@@ -57,7 +58,7 @@ from ..core.descriptors import DescriptorRule, Descriptors, Hit, descriptor_hits
 from ..core.ratelimit import DenyCache, Limit, Outcome, Verdict
 from ..store import Store, StoreError
 from ..store import keys as keymod
-from ..store.base import RateCheck
+from ..store.base import RateCheck, RateResult
 from ..telemetry import metrics
 
 log = logging.getLogger("extproc.ratelimit_service")
@@ -122,7 +123,7 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self._deny = DenyCache(deny_cache_entries)
         self._compiled: _Compiled | None = None
         self._store_ok = True
-        self._latency = metrics.DECISION_SECONDS.labels("ratelimit_service")
+        self._latency = metrics.child(metrics.DECISION_SECONDS, "rls")
 
     # -- config ---------------------------------------------------------------------------------
     def descriptors(self) -> tuple[Any, Descriptors]:
@@ -192,22 +193,21 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
         shadow_failed = False
         if enforced_checks or shadow_checks:
             store = self._store_ref()
-            failure, results = await self._call_store(store, enforced_checks, shadow_checks, rls.store_timeout_ms)
-            if failure is not None:
-                self._store_failed(store, failure, rls.failure_mode)
+            answer, shadow_answers = await self._call_store(store, enforced_checks, shadow_checks,
+                                                            rls.store_timeout_ms)
+            failures = [a for a in (answer, *shadow_answers) if isinstance(a, BaseException)]
+            self._note_store(store, failures, rls.failure_mode)
+            if isinstance(answer, BaseException):
                 return await self._failure_answer(rls.failure_mode, domain.name, hits, context)
-            self._store_answered()
-            answers = results[0] if enforced_checks else []
-            for check, result in zip(enforced_checks, answers, strict=True):  # type: ignore[arg-type]
+            for check, result in zip(enforced_checks, answer, strict=True):
                 outcomes[check.key] = result.outcome
                 self._deny.remember(check.key, check.units, result.outcome, now_ms)
-            for check, result in zip(shadow_checks, results[1 if enforced_checks else 0:], strict=True):
-                if isinstance(result, BaseException):
+            for check, results in zip(shadow_checks, shadow_answers, strict=True):
+                if isinstance(results, BaseException):
                     shadow_failed = True
-                    metrics.child(metrics.STORE_ERRORS, store.name, _kind(result)).inc()
                     continue
-                outcomes[check.key] = result[0].outcome
-                self._deny.remember(check.key, check.units, result[0].outcome, now_ms)
+                outcomes[check.key] = results[0].outcome
+                self._deny.remember(check.key, check.units, results[0].outcome, now_ms)
         return self._answer(domain.name, hits, keys, outcomes, shadow_failed)
 
     @staticmethod
@@ -222,9 +222,11 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
         return domain.hit(entries, hits=descriptor_hits(request_hits, own), override=override)
 
     async def _call_store(self, store: Store, enforced: list[RateCheck], shadow: list[RateCheck],
-                          timeout_ms: int) -> tuple[BaseException | None, list]:
-        """(failure of the enforced call or of all of them, results: the enforced call's list
-        first when there is one, then one list or exception per shadow check)."""
+                          timeout_ms: int) -> tuple[list[RateResult] | BaseException, list]:
+        """The enforced checks in one call and each shadow check in its own, all started in
+        this tick and bounded together by `timeout_ms`. Returns (the enforced call's results,
+        or its exception; one result list or exception per shadow check). A timeout fails
+        them all."""
         calls = []
         if enforced:
             calls.append(store.rate_limit(enforced))
@@ -232,11 +234,12 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
         try:
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_ms / 1000)
         except TimeoutError:
-            return StoreError(f"{store.name} rate_limit: no answer within store_timeout_ms={timeout_ms}",
-                              transient=True, timeout=True), []
-        if enforced and isinstance(results[0], BaseException):
-            return results[0], []
-        return None, results
+            timeout = StoreError(f"{store.name} rate_limit: no answer within store_timeout_ms={timeout_ms}",
+                                 transient=True, timeout=True)
+            return timeout, [timeout] * len(shadow)
+        if not enforced:
+            return [], results
+        return results[0], results[1:]
 
     def _answer(self, domain: str, hits: list[Hit], keys: list[str | None], outcomes: dict[str, Outcome],
                 shadow_failed: bool) -> Response:
@@ -289,21 +292,21 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
         return Response(overall_code=_OK, statuses=[Status(code=_OK) for _ in hits])
 
     # -- store state: logged once per transition -------------------------------------------------
-    def _store_failed(self, store: Store, failure: BaseException, failure_mode: str) -> None:
-        metrics.child(metrics.STORE_ERRORS, store.name, _kind(failure)).inc()
-        if self._store_ok:
+    def _note_store(self, store: Store, failures: list[BaseException], failure_mode: str) -> None:
+        for failure in dict.fromkeys(failures):     # a timeout fails every call with one error
+            metrics.child(metrics.STORE_ERRORS, store.name, _kind(failure)).inc()
+        if failures and self._store_ok:
             self._store_ok = False
+            failure = failures[0]
             if isinstance(failure, StoreError):
                 log.error("rate limit store failing; ratelimit_service.failure_mode decides",
                           extra={"store": store.name, "failure_mode": failure_mode, "error": str(failure)})
             else:
                 log.error("rate limit store call failed unexpectedly; ratelimit_service.failure_mode decides",
                           exc_info=failure, extra={"store": store.name, "failure_mode": failure_mode})
-
-    def _store_answered(self) -> None:
-        if not self._store_ok:
+        elif not failures and not self._store_ok:
             self._store_ok = True
-            log.info("rate limit store answering again")
+            log.info("rate limit store answering again", extra={"store": store.name})
 
 
 def _kind(exc: BaseException) -> str:
