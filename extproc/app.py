@@ -32,6 +32,7 @@ from .core.authorize import IpList, Requirements, RuleSet
 from .core.credentials import Source
 from .core.jwt import KeySet, ProviderRules
 from .core.policy import CompiledPolicy, PolicySet, ProviderPlan
+from .services import ratelimit_service
 from .services.authz import AuthorizationService
 from .services.identity import Identity
 from .services.jwks import KeySource
@@ -44,6 +45,7 @@ log = logging.getLogger("extproc")
 SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+    ratelimit_service.SERVICE_NAME,
 )
 STORE_PROBE_SECONDS = 2.0
 CONFIG_POLL_SECONDS = 1.0
@@ -239,6 +241,7 @@ class Worker:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(self.runtime_ref), server)
         self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
+        ratelimit_service.add_to_server(server, self.runtime_ref, lambda: self.store)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -548,6 +548,9 @@ class Config(_Closed):
                     out.append((("concurrency", field, name) if field == "routes" else ("concurrency", field),
                                 f"unknown policy {name!r}: routes are the policy names the Envoy routes pass "
                                 f"(defined: {sorted(self.policies) or 'none'})"))
+        from .core.descriptors import problems as rls_problems
+
+        out.extend(rls_problems(self.ratelimit_service))
         if self.default_policy is not None and self.default_policy not in self.policies:
             out.append((("default_policy",), f"{self.default_policy!r} is not a defined policy "
                                              f"(defined: {sorted(self.policies) or 'none'})"))

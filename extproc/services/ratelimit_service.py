@@ -52,7 +52,6 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
-from prometheus_client import Counter
 
 from ..core.descriptors import DescriptorRule, Descriptors, Hit, descriptor_hits
 from ..core.ratelimit import DenyCache, Limit, Outcome, Verdict
@@ -67,10 +66,7 @@ SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 # To move to telemetry/metrics.py. Labels: the configured domain (or "unknown"), the matched
 # node's name (or "unmatched" / "override"), and one of RESULTS — bounded by the config.
-RLS_DECISIONS = Counter(
-    "extproc_rls_decisions_total",
-    "RateLimitService (ShouldRateLimit) descriptor outcomes, by domain, configured descriptor and result.",
-    ["domain", "descriptor", "result"])
+RLS_DECISIONS = metrics.RLS_DECISIONS
 RESULTS = ("ok", "over_limit", "shadow_over_limit", "unlimited", "no_limit", "unknown_domain", "store_error",
            "not_checked")
 

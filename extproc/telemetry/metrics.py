@@ -78,6 +78,10 @@ CONCURRENT_REQUESTS = Gauge(
 CONCURRENCY_LIMIT_REACHED = Counter(
     "gateway_concurrency_limit_reached_total", "Requests that found their in-flight cap full (rejected, queued, "
     "or let through in shadow mode), by route.", ["route"])
+RLS_DECISIONS = Counter(
+    "extproc_rls_decisions_total",
+    "RateLimitService (ShouldRateLimit) descriptor outcomes, by domain, configured descriptor and result.",
+    ["domain", "descriptor", "result"])
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 
