@@ -130,8 +130,13 @@ class Runtime:
             if p.introspection is not None:
                 from .services.introspection import Introspector
 
-                secret = cfgmod.read_secret(p.introspection.client_secret_file, p.introspection.client_secret_env,
-                                            f"providers.{name}.introspection.client_secret")
+                try:
+                    secret = cfgmod.read_secret(p.introspection.client_secret_file, p.introspection.client_secret_env,
+                                                f"providers.{name}.introspection.client_secret")
+                except cfgmod.ConfigError as exc:
+                    # the sidecar still starts: this provider's tokens get an honest 503 until a reload
+                    log.error("introspection client secret unreadable", extra={"provider": name, "error": str(exc)})
+                    secret = None
                 introspectors[name] = Introspector(p.introspection, secret)
         identity = Identity(policies, keys, sources, introspectors=introspectors, api_keys=api_keys,
                             revocations=revocations)
