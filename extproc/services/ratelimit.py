@@ -211,6 +211,9 @@ class RateLimiter:
             return None, None
         for o in outcomes:
             metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "ok" if o.allowed else "over_limit").inc()
+            if o.allowed and o.remaining * 5 < o.limit:
+                # within 20 % of the limit: the early warning envoyproxy/ratelimit calls near_limit
+                metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "near_limit").inc()
         if verdict.allowed:
             return None, verdict
         for (_, c), o in zip(enforced, outcomes, strict=False):

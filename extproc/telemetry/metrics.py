@@ -67,7 +67,7 @@ REVOCATION_COMPLETE = Gauge(
     "extproc_revocation_list_complete", "1 while this replica's copy of the revocation list is believed complete.",
     multiprocess_mode="livemin")
 RATELIMIT_DECISIONS = Counter(
-    "gateway_ratelimit_decisions_total", "Rate-limit outcomes per rule (ok, over_limit, over_limit_cached, "
+    "gateway_ratelimit_decisions_total", "Rate-limit outcomes per rule (ok, near_limit, over_limit, over_limit_cached, "
     "shadow_ok, shadow_over_limit, local_fallback, fail_open, store_unavailable).", ["rule", "result"])
 STORE_SECONDS = Histogram(
     "extproc_store_duration_seconds", "Store round trips on the request path, by operation.", ["op"],

@@ -80,6 +80,7 @@ def test_exactly_n_admitted_across_two_replicas(limited, rule, path):
     responses = burst(f"{limited.external}{path}", token, N + EXTRA)
     seen = Counter(r.status for r in responses)
     assert seen[429] == EXTRA and sum(v for k, v in seen.items() if k != 429) == N, seen
+    assert f'gateway_ratelimit_decisions_total{{result="near_limit",rule="{rule}"}}' in _metrics(limited)
     rejected = [r for r in responses if r.status == 429]
     for r in rejected:
         body = r.json()
