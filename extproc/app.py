@@ -145,8 +145,11 @@ class Runtime:
 
         ratelimiter = RateLimiter(cfg.rate_limits, store if store is not None else MemoryStore(),
                                   fallback=fallback)
-        if previous is not None and previous.ratelimiter.store is ratelimiter.store:
-            ratelimiter.deny_cache = previous.ratelimiter.deny_cache   # still true after a reload
+        if (previous is not None and previous.ratelimiter.store is ratelimiter.store
+                and previous.config.rate_limits == cfg.rate_limits):
+            # same rules: what is known to be over its limit still is (counters live in the store,
+            # keyed by rule, partition, algorithm and period, so a reload never resets them)
+            ratelimiter.deny_cache = previous.ratelimiter.deny_cache
         return cls(config=cfg, policies=policies, max_header_bytes=cfg.server.max_header_bytes, identity=identity,
                    keys=keys, sources=sources, introspectors=introspectors, ratelimiter=ratelimiter)
 
