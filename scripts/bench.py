@@ -7,12 +7,15 @@ One Envoy (`--concurrency 1`) gets one listener per variant, all routing to one 
   native               (b) Envoy's jwt_authn (RS256, inline JWKS) + local_ratelimit (bucket never empty)
   native_es256         (i) the same, ES256 key and token
   native_fresh         (j) the same as native, a different RS256 token on every request
+  native_local_ratelimit (m) Envoy's local_ratelimit alone (no JWT): Envoy's own limiter, for scale
   floor_authz          (c) ext_authz to bench_floor.py (Check always OK)
   floor_ext_proc           ext_proc to bench_floor.py (CONTINUE on request and response headers)
   floor_both               ext_authz then ext_proc, both to bench_floor.py
   extproc_authz        (d) ext_authz to extproc, policy `api` (JWT RS256, keys from a jwks_file)
   extproc_authz_es256  (g) ext_authz to extproc, policy `api-es256` (JWT ES256), repeat token
   extproc_authz_fresh  (h) ext_authz to extproc, policy `api`, a different RS256 token per request
+  extproc_ratelimit_memory (k) extproc_authz + two rate-limit rules on every request, in-memory store
+  extproc_ratelimit_redis  (l) the same two rules on a Redis store (a redis-server started for the run)
   extproc_ext_proc     (e) ext_proc to extproc (request + response headers SEND, as envoy/envoy.yaml)
   extproc_both         (f) ext_authz then ext_proc to extproc, as envoy/envoy.yaml
 
@@ -23,6 +26,9 @@ variant its own sequence continued across loads, so no token repeats until the p
 (the report says how many were reused). wrk drives each variant at c=1 and c=32 for
 `--duration` seconds; the sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat
 around each load, and `cpu/floor` divides it by the floor's of the same filter shape. The
+rate-limited variants run on sidecars of their own (the same config as `extproc`, plus the rules
+and their store), so `extproc_authz` keeps measuring a sidecar without limits; a block under the
+table gives what the limiter adds to `extproc_authz` (p50, sidecar CPU, Redis' own CPU). The
 filter and cluster settings follow envoy/envoy.yaml (status_on_error 503, timeouts, retry policy,
 HTTP/2 sidecar clusters); active health checks and outlier detection are left out, as they do
 nothing on a healthy single endpoint. The bootstrap is generated into a temp dir (`--keep` keeps
@@ -80,13 +86,34 @@ class Variant:
     letter: str
     title: str
     filters: tuple[str, ...]      # "native", "authz", "ext_proc" in chain order
-    sidecar: str | None           # which gRPC process serves the filters: "extproc", "floor", None
+    sidecar: str | None           # which gRPC process serves the filters: a SIDECARS key, "floor", None
     floor: str | None = None      # the floor variant of the same shape
     denies_without_token: bool = False
     key: str = "rs256"            # which signing key's token the requests carry: "rs256", "es256"
     fresh: bool = False           # a different token on every request (the pool), not one repeat token
     policy: str = "api"           # ext_authz context_extensions `policy` on the listener's route
     native: str = "native"        # Envoy's jwt_authn variant on the same tokens (for %native)
+    baseline: str | None = None   # the same listener without its rate limiter (the limiter block's Δ columns)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.sidecar in RATELIMIT_SIDECARS
+
+
+# the extproc sidecars: name -> rate-limit store (None: no rate_limits section, in-memory store).
+# Each is its own `extproc serve` process with its own gRPC cluster in Envoy.
+SIDECARS: dict[str, str | None] = {"extproc": None, "extproc_rl_memory": "memory", "extproc_rl_redis": "redis"}
+RATELIMIT_SIDECARS = frozenset(k for k, store in SIDECARS.items() if store)
+LIMITER_TARGET_MS = 0.5                  # the service-mesh seed: the limiter adds < 0.5 ms (p50; read, not asserted)
+
+# two rules that match every request of policy `api`, as extproc.yaml's per-user and per-endpoint
+# rules, with limits the bench can never reach: the check and the charge are paid, nothing is rejected
+RATELIMIT_RULES = [
+    {"name": "bench-per-user", "policies": ["api"], "count_by": ["user"], "algorithm": "sliding_window",
+     "limit": 100_000_000, "period": "minute"},
+    {"name": "bench-per-route", "policies": ["api"], "count_by": ["route"], "algorithm": "token_bucket",
+     "limit": 10_000_000, "period": "second"},
+]
 
 
 VARIANTS = (
@@ -96,6 +123,8 @@ VARIANTS = (
             denies_without_token=True, key="es256", native="native_es256"),
     Variant("native_fresh", "j", "Envoy jwt_authn, fresh RS256 token per request", ("native",), None,
             denies_without_token=True, fresh=True, native="native_fresh"),
+    Variant("native_local_ratelimit", "m", "Envoy local_ratelimit alone (no JWT)", ("local_rl",), None,
+            baseline="plain"),
     Variant("floor_authz", "c", "floor ext_authz (always OK)", ("authz",), "floor"),
     Variant("floor_ext_proc", "", "floor ext_proc (CONTINUE)", ("ext_proc",), "floor"),
     Variant("floor_both", "", "floor ext_authz + ext_proc", ("authz", "ext_proc"), "floor"),
@@ -105,6 +134,10 @@ VARIANTS = (
             "floor_authz", denies_without_token=True, key="es256", policy="api-es256", native="native_es256"),
     Variant("extproc_authz_fresh", "h", "extproc ext_authz, fresh RS256 token per request", ("authz",), "extproc",
             "floor_authz", denies_without_token=True, fresh=True, native="native_fresh"),
+    Variant("extproc_ratelimit_memory", "k", "extproc ext_authz (policy api) + 2 rate-limit rules, memory store",
+            ("authz",), "extproc_rl_memory", "floor_authz", denies_without_token=True, baseline="extproc_authz"),
+    Variant("extproc_ratelimit_redis", "l", "extproc ext_authz (policy api) + 2 rate-limit rules, Redis store",
+            ("authz",), "extproc_rl_redis", "floor_authz", denies_without_token=True, baseline="extproc_authz"),
     Variant("extproc_ext_proc", "e", "extproc ext_proc", ("ext_proc",), "extproc", "floor_ext_proc"),
     Variant("extproc_both", "f", "extproc ext_authz + ext_proc", ("authz", "ext_proc"), "extproc", "floor_both",
             denies_without_token=True),
@@ -198,13 +231,49 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+def http_request(url: str, headers: dict[str, str] | None = None,
+                 timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+    """(status, response headers with lower-case names, body)."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as err:
-        return err.code, err.read()
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    status, _, body = http_request(url, headers, timeout)
+    return status, body
+
+
+def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes | int:
+    """One command to the bench's redis-server (RESP, no client library): an integer or a simple
+    / bulk string reply."""
+    msg = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(msg)
+        buf = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise OSError("redis closed the connection")
+            buf += chunk
+            if buf[:1] in (b"+", b":", b"-") and buf.endswith(b"\r\n"):
+                break
+            if buf[:1] == b"$" and b"\r\n" in buf:
+                n = int(buf[1:buf.index(b"\r\n")])
+                if n < 0 or len(buf) >= buf.index(b"\r\n") + 2 + n + 2:
+                    break
+    kind, rest = buf[:1], buf[1:]
+    if kind == b"-":
+        raise OSError(f"redis: {rest.strip().decode(errors='replace')}")
+    if kind == b":":
+        return int(rest.strip())
+    if kind == b"+":
+        return rest.strip()
+    n = int(rest[:rest.index(b"\r\n")])
+    return b"" if n < 0 else rest[rest.index(b"\r\n") + 2:][:n]
 
 
 def port_open(port: int) -> bool:
@@ -254,9 +323,9 @@ def cpu_model() -> str:
 class Ports:
     envoy_admin: int
     upstream: int
-    sidecar: int
-    sidecar_admin: int
     floor: int
+    redis: int
+    sidecars: dict[str, tuple[int, int]] = field(default_factory=dict)    # name -> (gRPC, admin)
     listeners: dict[str, int] = field(default_factory=dict)
 
 
@@ -287,9 +356,25 @@ def _rl_prefix(v: Variant) -> str:
     return f"bench_local_rl_{v.name}"
 
 
+def _local_ratelimit(v: Variant) -> dict:
+    return {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": _rl_prefix(v),
+        # a bucket that never empties during the run: the check is paid, nothing is rejected
+        "token_bucket": {"max_tokens": 100_000_000, "tokens_per_fill": 100_000_000,
+                         "fill_interval": "1s"},
+        "filter_enabled": {"runtime_key": "bench_rl_enabled",
+                           "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "filter_enforced": {"runtime_key": "bench_rl_enforced",
+                            "default_value": {"numerator": 100, "denominator": "HUNDRED"}}}}
+
+
+def _uses_local_rl(v: Variant) -> bool:
+    return "native" in v.filters or "local_rl" in v.filters
+
+
 def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
-    cluster = "floor" if v.sidecar == "floor" else "extproc"
-    grpc_service = {"envoy_grpc": {"cluster_name": cluster}, "timeout": "0.5s", "retry_policy": _SIDECAR_RETRY}
+    grpc_service = {"envoy_grpc": {"cluster_name": v.sidecar}, "timeout": "0.5s", "retry_policy": _SIDECAR_RETRY}
     out: list[dict] = []
     for f in v.filters:
         if f == "native":
@@ -302,16 +387,9 @@ def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
                     # the same work as extproc's claims_to_headers
                     "claim_to_headers": [{"header_name": "x-jwt-sub", "claim_name": "sub"}]}},
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}]}})
-            out.append({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-                "stat_prefix": _rl_prefix(v),
-                # a bucket that never empties during the run: the check is paid, nothing is rejected
-                "token_bucket": {"max_tokens": 100_000_000, "tokens_per_fill": 100_000_000,
-                                 "fill_interval": "1s"},
-                "filter_enabled": {"runtime_key": "bench_rl_enabled",
-                                   "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-                "filter_enforced": {"runtime_key": "bench_rl_enforced",
-                                    "default_value": {"numerator": 100, "denominator": "HUNDRED"}}}})
+            out.append(_local_ratelimit(v))
+        elif f == "local_rl":
+            out.append(_local_ratelimit(v))
         elif f == "authz":
             out.append({"name": "envoy.filters.http.ext_authz", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -373,8 +451,9 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
         "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.upstream}}}}]}]},
     }]
-    if any(v.sidecar == "extproc" for v in variants):
-        clusters.append(_grpc_cluster("extproc", ports.sidecar))
+    for name in SIDECARS:
+        if any(v.sidecar == name for v in variants):
+            clusters.append(_grpc_cluster(name, ports.sidecars[name][0]))
     if any(v.sidecar == "floor" for v in variants):
         clusters.append(_grpc_cluster("floor", ports.floor))
     return {
@@ -383,12 +462,17 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
     }
 
 
-def sidecar_config(ports: Ports, jwks_paths: dict[str, Path]) -> dict:
-    return {
-        "server": {"listen": f"127.0.0.1:{ports.sidecar}", "workers": 1, "max_in_flight": 512,
+def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extproc") -> dict:
+    """The `extproc` sidecar's config; the rate-limited sidecars add RATELIMIT_RULES on their store
+    (the demo's store_timeout_ms and local_fallback defaults) and differ in nothing else."""
+    grpc_port, admin_port = ports.sidecars[name]
+    store = SIDECARS[name]
+    cfg = {
+        "server": {"listen": f"127.0.0.1:{grpc_port}", "workers": 1, "max_in_flight": 512,
                    "shutdown_grace_seconds": 1, "drain_delay_seconds": 0},
-        "admin": {"listen": f"127.0.0.1:{ports.sidecar_admin}", "token_env": None},
-        "store": {"memory": {"max_keys": 100000}},
+        "admin": {"listen": f"127.0.0.1:{admin_port}", "token_env": None},
+        "store": ({"redis": {"url": f"redis://127.0.0.1:{ports.redis}/0"}} if store == "redis"
+                  else {"memory": {"max_keys": 100000}}),
         "providers": {
             "bench": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"],
                       "jwks_file": str(jwks_paths["rs256"]), "leeway_seconds": 30,
@@ -402,6 +486,10 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path]) -> dict:
         "default_policy": "api",
         "unknown_policy": "deny",
     }
+    if store:
+        cfg["rate_limits"] = {"store_timeout_ms": 20, "local_fallback": True, "headers": True,
+                              "rules": RATELIMIT_RULES}
+    return cfg
 
 
 _REPORT_LUA = r"""
@@ -552,10 +640,12 @@ class Stack:
     tokens: dict[str, str]        # key name -> the repeat token
     envoy: Proc
     upstream: Proc
-    sidecar: Proc | None
+    sidecars: dict[str, Proc]     # SIDECARS name -> its `extproc serve`, those the variants need
     floor: Proc | None
+    redis: Proc | None
     lua: Path
     envoy_version: str
+    redis_version: str | None = None
     fresh_lua: Path | None = None
     fresh_pool: Path | None = None
     fresh_check_token: str = ""   # minted like the pool, kept out of it: verify() sends it
@@ -563,7 +653,13 @@ class Stack:
     fresh: dict[str, FreshSequence] = field(default_factory=dict)
 
     def server_of(self, v: Variant) -> Proc | None:
-        return {"extproc": self.sidecar, "floor": self.floor}.get(v.sidecar or "")
+        if v.sidecar == "floor":
+            return self.floor
+        return self.sidecars.get(v.sidecar or "")
+
+    def admin_port(self, v: Variant) -> int | None:
+        """The admin port of the extproc sidecar behind the variant (None: the floor or no sidecar)."""
+        return self.ports.sidecars[v.sidecar][1] if v.sidecar in self.sidecars else None
 
     def check_token(self, v: Variant) -> str:
         return self.fresh_check_token if v.fresh else self.tokens[v.key]
@@ -587,38 +683,51 @@ _EVENT_WORDS = ("4xx", "5xx", "error", "denied", "timeout", "failed", "failure",
 
 
 def event_stats(stack: Stack, v: Variant) -> dict[str, int]:
-    regex = rf"^(http\.{v.name}\.|{_rl_prefix(v)}\.)" if "native" in v.filters else rf"^http\.{v.name}\."
+    regex = rf"^(http\.{v.name}\.|{_rl_prefix(v)}\.)" if _uses_local_rl(v) else rf"^http\.{v.name}\."
     if v.sidecar:
         regex = rf"({regex}|^cluster\.{v.sidecar}\.)"
     stats = envoy_stats(stack.ports.envoy_admin, regex)
     return {k: n for k, n in stats.items() if any(w in k for w in _EVENT_WORDS) and "_ms" not in k}
 
 
-def sidecar_auth_cache(port: int) -> dict[str, float]:
-    """extproc's decision-cache lookups so far (`extproc_auth_cache_total` by result), from its admin API."""
+def sidecar_counters(port: int) -> dict[str, dict[str, float]]:
+    """From extproc's admin API: its decision-cache lookups so far (`auth_cache`:
+    `extproc_auth_cache_total` by result) and its rate-limit decisions (`ratelimit`:
+    `gateway_ratelimit_decisions_total` summed over rules, by result: ok, local_fallback, ...)."""
     status, body = http_get(f"http://127.0.0.1:{port}/metrics")
     if status != 200:
         raise BenchError(f"extproc admin /metrics answered {status}")
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {"auth_cache": {}, "ratelimit": {}}
     for line in body.decode(errors="replace").splitlines():
-        if line.startswith("extproc_auth_cache_total{"):
-            labels, _, value = line.rpartition(" ")
-            result = labels.split('result="', 1)[1].split('"', 1)[0] if 'result="' in labels else ""
-            out[result] = out.get(result, 0.0) + float(value)
+        for prefix, key in (("extproc_auth_cache_total{", "auth_cache"),
+                            ("gateway_ratelimit_decisions_total{", "ratelimit")):
+            if line.startswith(prefix):
+                labels, _, value = line.rpartition(" ")
+                result = labels.split('result="', 1)[1].split('"', 1)[0] if 'result="' in labels else ""
+                out[key][result] = out[key].get(result, 0.0) + float(value)
     return out
+
+
+# rate-limit results that mean the store did not decide (the Redis row would not measure Redis)
+_STORE_BYPASS = ("local_fallback", "fail_open", "store_unavailable")
 
 
 def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
                 fresh_tokens: int) -> tuple[Stack, list[Proc]]:
-    """Start upstream, sidecar, floor and Envoy; returns the stack and every Proc started."""
+    """Start upstream, Redis, the sidecars, floor and Envoy; returns the stack and every Proc started."""
     from extproc import config as cfgmod
 
     started: list[Proc] = []
-    need_sidecar = any(v.sidecar == "extproc" for v in variants)
+    need_sidecars = [name for name in SIDECARS if any(v.sidecar == name for v in variants)]
     need_floor = any(v.sidecar == "floor" for v in variants)
-    p = free_ports(5 + len(variants))
-    ports = Ports(envoy_admin=p[0], upstream=p[1], sidecar=p[2], sidecar_admin=p[3], floor=p[4],
-                  listeners={v.name: p[5 + i] for i, v in enumerate(variants)})
+    need_redis = any(SIDECARS.get(v.sidecar or "") == "redis" for v in variants)
+    redis_bin = shutil.which("redis-server")
+    if need_redis and redis_bin is None:
+        raise BenchError("redis-server not found on PATH: the Redis variant needs it (apt-get install redis-server)")
+    p = free_ports(4 + 2 * len(SIDECARS) + len(variants))
+    ports = Ports(envoy_admin=p[0], upstream=p[1], floor=p[2], redis=p[3],
+                  sidecars={name: (p[4 + 2 * i], p[5 + 2 * i]) for i, name in enumerate(SIDECARS)},
+                  listeners={v.name: p[4 + 2 * len(SIDECARS) + i] for i, v in enumerate(variants)})
     keys = generate_keys()
     jwks = {name: k.jwks() for name, k in keys.items()}
     tokens = {name: k.mint(token_ttl) for name, k in keys.items()}
@@ -654,18 +763,31 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
                                      str(ports.upstream), "--replica-id", "bench", "--state-dir", str(tmp / "idp")],
                         tmp)
         started.append(upstream)
-        sidecar = floor = None
-        if need_sidecar:
-            cfg_path = tmp / "extproc.yaml"
-            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_paths), sort_keys=False))
+        floor = redis = None
+        redis_version = None
+        if need_redis:
+            assert redis_bin is not None
+            # no persistence, loopback only, its log in the temp dir; the PID is redis-server itself
+            redis = Proc("redis", [redis_bin, "--port", str(ports.redis), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no", "--daemonize", "no",
+                                   "--dir", str(tmp), "--logfile", ""], tmp)
+            started.append(redis)
+            redis.wait_ready(lambda: port_open(ports.redis) and redis_command(ports.redis, "PING") == b"PONG")
+            info = redis_command(ports.redis, "INFO", "server")
+            redis_version = next((line.split(":", 1)[1].strip() for line in bytes(info).decode().splitlines()
+                                  if line.startswith("redis_version:")), None) if isinstance(info, bytes) else None
+        sidecars: dict[str, Proc] = {}
+        for name in need_sidecars:
+            cfg_path = tmp / f"{name}.yaml"
+            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_paths, name), sort_keys=False))
             try:
                 cfgmod.load(cfg_path)
             except cfgmod.ConfigError as exc:
                 raise BenchError("the generated sidecar config no longer matches extproc/config.py; "
                                  f"update sidecar_config() in scripts/bench.py:\n{exc}") from None
-            sidecar = Proc("extproc", [str(VENV_BIN / "extproc"), "serve", "--config", str(cfg_path),
-                                       "--log-level", "warning"], tmp)
-            started.append(sidecar)
+            sidecars[name] = Proc(name, [str(VENV_BIN / "extproc"), "serve", "--config", str(cfg_path),
+                                         "--log-level", "warning"], tmp)
+            started.append(sidecars[name])
         if need_floor:
             floor = Proc("floor", [str(VENV_BIN / "python"), str(ROOT / "scripts" / "bench_floor.py"),
                                    "--port", str(ports.floor)], tmp)
@@ -677,9 +799,10 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
         started.append(envoy)
 
         upstream.wait_ready(lambda: http_get(f"http://127.0.0.1:{ports.upstream}/public/health")[0] == 200)
-        if sidecar is not None:
-            sidecar.wait_ready(lambda: port_open(ports.sidecar) and http_get(
-                f"http://127.0.0.1:{ports.sidecar_admin}/readyz")[0] == 200)
+        for name, proc in sidecars.items():
+            grpc_port, admin_port = ports.sidecars[name]
+            proc.wait_ready(lambda g=grpc_port, a=admin_port: port_open(g) and http_get(
+                f"http://127.0.0.1:{a}/readyz")[0] == 200)
         if floor is not None:
             floor.wait_ready(lambda: port_open(ports.floor))
         envoy.wait_ready(lambda: http_get(f"http://127.0.0.1:{ports.envoy_admin}/ready")[0] == 200)
@@ -687,7 +810,7 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
         for proc in reversed(started):
             proc.stop()
         raise
-    stack = Stack(tmp, ports, tokens, envoy, upstream, sidecar, floor, lua, version,
+    stack = Stack(tmp, ports, tokens, envoy, upstream, sidecars, floor, redis, lua, version, redis_version,
                   fresh_lua=fresh_lua, fresh_pool=fresh_pool, fresh_check_token=check_token,
                   fresh_pool_size=fresh_tokens if fresh_variants else 0,
                   fresh={v.name: FreshSequence(fresh_tokens) for v in fresh_variants})
@@ -695,13 +818,22 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
 
 
 def verify(stack: Stack, variants: list[Variant]) -> None:
-    """Each variant answers 200 with its token and goes through the filters it claims."""
+    """Each variant answers 200 with its token and goes through the filters it claims; a
+    rate-limited variant answers with `x-ratelimit-limit` (its rules applied, charged in its store:
+    Redis holds their keys), every other extproc variant without it."""
     before = envoy_stats(stack.ports.envoy_admin)
+    limited = {v.name: stack.admin_port(v) for v in variants if v.rate_limited}
+    rl_before = {name: sidecar_counters(port)["ratelimit"] for name, port in limited.items() if port}
     problems = []
     for v in variants:
-        status, body = http_get(stack.url(v), {"Authorization": f"Bearer {stack.check_token(v)}"})
+        status, headers, body = http_request(stack.url(v), {"Authorization": f"Bearer {stack.check_token(v)}"})
         if status != 200:
             problems.append(f"{v.name}: GET {TARGET_PATH} with the token answered {status}: {body[:200]!r}")
+        if v.rate_limited and "x-ratelimit-limit" not in headers:
+            problems.append(f"{v.name}: the 200 carries no x-ratelimit-limit header: the rate-limit rules did "
+                            f"not apply (headers: {sorted(headers)})")
+        elif v.sidecar in SIDECARS and not v.rate_limited and "x-ratelimit-limit" in headers:
+            problems.append(f"{v.name}: x-ratelimit-limit on a variant without limits")
         if v.denies_without_token:
             status, body = http_get(stack.url(v))
             if status != 401:
@@ -719,7 +851,9 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
     for v in variants:
         expect = []
         if "native" in v.filters:
-            expect += [f"http.{v.name}.jwt_authn.allowed", f"{_rl_prefix(v)}.http_local_rate_limit.ok"]
+            expect.append(f"http.{v.name}.jwt_authn.allowed")
+        if _uses_local_rl(v):
+            expect.append(f"{_rl_prefix(v)}.http_local_rate_limit.ok")
         if "authz" in v.filters:
             expect.append(f"http.{v.name}.ext_authz.ok")
         if "ext_proc" in v.filters:
@@ -727,6 +861,23 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
         for stat in expect:
             if not grew(stat):
                 problems.append(f"{v.name}: Envoy stat {stat} did not move: the filter was not exercised")
+    for name, port in limited.items():
+        if not port:
+            continue
+        rl = sidecar_counters(port)["ratelimit"]
+        delta = {k: rl.get(k, 0) - rl_before[name].get(k, 0) for k in rl}
+        # one admitted request with a token: each of the rules counted it as ok, in the store
+        if delta.get("ok", 0) < len(RATELIMIT_RULES):
+            problems.append(f"{name}: {delta.get('ok', 0):.0f} rate-limit ok decisions for one request, expected "
+                            f"{len(RATELIMIT_RULES)} (one per rule): {delta}")
+        bypass = {k: n for k, n in delta.items() if k in _STORE_BYPASS and n}
+        if bypass:
+            problems.append(f"{name}: the store did not decide: {bypass}")
+    if stack.redis is not None:
+        keys = redis_command(stack.ports.redis, "DBSIZE")
+        if not isinstance(keys, int) or keys < len(RATELIMIT_RULES):
+            problems.append(f"Redis holds {keys} keys after the check, expected at least {len(RATELIMIT_RULES)} "
+                            "(one counter per rule)")
     if problems:
         raise BenchError("variant check failed:\n  " + "\n  ".join(problems))
 
@@ -798,13 +949,16 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
 
 def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str]) -> dict:
     server = stack.server_of(v)
-    watched = {"sidecar": server, "envoy": stack.envoy, "upstream": stack.upstream}
+    uses_redis = SIDECARS.get(v.sidecar or "") == "redis"
+    watched = {"sidecar": server, "envoy": stack.envoy, "upstream": stack.upstream,
+               "redis": stack.redis if uses_redis else None}
     for name, proc in watched.items():
         if proc is not None and not proc.alive():
             raise BenchError(f"{name} ({proc.name}) died:\n{proc.log_tail()}")
-    # the sidecar's cache counters are read outside the CPU window (the scrape costs it CPU)
-    cached = server is stack.sidecar and server is not None and "authz" in v.filters
-    ac0 = sidecar_auth_cache(stack.ports.sidecar_admin) if cached else {}
+    # the sidecar's counters are read outside the CPU window (the scrape costs it CPU)
+    admin = stack.admin_port(v)
+    cached = admin is not None and "authz" in v.filters
+    sc0 = sidecar_counters(admin) if cached else {}
     jc_regex = rf"^http\.{v.name}\.jwt_authn\.jwt_cache_(hit|miss)$"
     jc0 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     ev0 = event_stats(stack, v)
@@ -812,10 +966,15 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk.log")
     cpu1 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
     ev1 = event_stats(stack, v)
-    ac1 = sidecar_auth_cache(stack.ports.sidecar_admin) if cached else {}
+    sc1 = sidecar_counters(admin) if cached else {}
     jc1 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     events = {k: n - ev0.get(k, 0) for k, n in sorted(ev1.items()) if n - ev0.get(k, 0)}
     per_req = {name: ((cpu1[name] - cpu0[name]) * 1e6 / res.requests if res.requests else None) for name in cpu0}
+
+    def delta(kind: str, keys: tuple[str, ...] = ()) -> dict[str, int]:
+        new, old = sc1.get(kind, {}), sc0.get(kind, {})
+        return {k: int(new.get(k, 0) - old.get(k, 0)) for k in (keys or sorted(new))
+                if keys or new.get(k, 0) - old.get(k, 0)}
     row: dict[str, Any] = {
         "variant": v.name, "concurrency": conns, "threads": threads,
         "requests": res.requests, "seconds": round(res.seconds, 3), "rps": round(res.rps, 1),
@@ -825,10 +984,14 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         "cpu_us_per_request": _r(per_req.get("sidecar")),
         "envoy_cpu_us_per_request": _r(per_req.get("envoy")),
         "upstream_cpu_us_per_request": _r(per_req.get("upstream")),
+        # redis-server's own CPU (utime + stime, all its threads) per request, Redis variants only
+        "redis_cpu_us_per_request": _r(per_req.get("redis")),
         "sidecar_process": server.name if server else None,
         "rss_mb": None, "hwm_mb": None,
         "envoy_events": events,
-        "auth_cache": ({k: int(ac1.get(k, 0) - ac0.get(k, 0)) for k in ("hit", "miss")} if cached else None),
+        "auth_cache": delta("auth_cache", ("hit", "miss")) if cached else None,
+        # rate-limit decisions summed over the rules, by result (ok: one per rule and request)
+        "ratelimit": delta("ratelimit") if cached and v.rate_limited else None,
         # Envoy's own JWT cache (only with jwt_cache_config; 0 / 0 means every token was verified)
         "jwt_cache": ({k: jc1.get(f"http.{v.name}.jwt_authn.jwt_cache_{k}", 0)
                        - jc0.get(f"http.{v.name}.jwt_authn.jwt_cache_{k}", 0) for k in ("hit", "miss")}
@@ -876,12 +1039,16 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
                  "cpu_us_per_request": m("cpu_us_per_request"), "rss_mb": m("rss_mb"), "hwm_mb": m("hwm_mb"),
                  "envoy_cpu_us_per_request": m("envoy_cpu_us_per_request"),
                  "upstream_cpu_us_per_request": m("upstream_cpu_us_per_request"),
+                 "redis_cpu_us_per_request": m("redis_cpu_us_per_request"),
                  "requests": sum(r["requests"] for r in mine),
                  "errors": {k: sum(r["errors"][k] for r in mine) for k in mine[0]["errors"]},
                  "error_count": sum(r["error_count"] for r in mine)}
             for key in ("auth_cache", "jwt_cache"):
                 caches = [r[key] for r in mine if r.get(key) is not None]
                 s[key] = {k: sum(c[k] for c in caches) for k in ("hit", "miss")} if caches else None
+            rls = [r["ratelimit"] for r in mine if r.get("ratelimit") is not None]
+            s["ratelimit"] = ({k: sum(x.get(k, 0) for x in rls) for k in sorted({k for x in rls for k in x})}
+                              if rls else None)
             retries = [r["sidecar_retries"] for r in mine if r.get("sidecar_retries") is not None]
             s["sidecar_retries"] = sum(retries) if retries else None
             toks = [r["tokens"] for r in mine if r.get("tokens") is not None]
@@ -914,7 +1081,19 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
         s["pct_of_floor"] = pct(s, v.floor)
         # the identity target: a repeat RS256 token within 10 % of the floor's CPU per request
         s["cpu_of_floor"] = cpu_ratio(s, v.floor)
+        # what the rate limiter adds: the same listener without it (extproc_authz: same route and token)
+        base = med.get((v.baseline, s["concurrency"])) if v.baseline else None
+        s["vs_baseline"] = None if base is None else {
+            "variant": v.baseline,
+            "p50_ms": _diff(s["p50_ms"], base["p50_ms"], 3), "p99_ms": _diff(s["p99_ms"], base["p99_ms"], 3),
+            "cpu_us_per_request": _diff(s["cpu_us_per_request"], base["cpu_us_per_request"], 1),
+            "envoy_cpu_us_per_request": _diff(s["envoy_cpu_us_per_request"], base["envoy_cpu_us_per_request"], 1),
+            "pct_rps": pct(s, v.baseline)}
     return out
+
+
+def _diff(a: float | None, b: float | None, nd: int) -> float | None:
+    return None if a is None or b is None else round(a - b, nd)
 
 
 def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
@@ -971,6 +1150,52 @@ def token_notes(summary: list[dict]) -> str:
             text += f"; Envoy jwt_authn cache {jc['hit']:,} hit / {jc['miss']:,} miss"
         lines.append(text)
     return "\n".join(lines)
+
+
+def limiter_block(summary: list[dict]) -> str:
+    """What a rate limiter adds to the same listener without it: the extproc rows against
+    extproc_authz, Envoy's local_ratelimit against plain. Empty when no baseline ran."""
+    rows = [s for s in summary if s.get("vs_baseline")]
+    if not rows:
+        return ""
+    head = ("variant", "c", "against", "Δp50 ms", "Δp99 ms", "Δside µs/req", "redis µs/req", "Δenvoy µs/req",
+            "RPS vs", f"p50 +<{LIMITER_TARGET_MS} ms", "rate-limit decisions")
+    lines = []
+    for s in rows:
+        d = s["vs_baseline"]
+        rl = s.get("ratelimit")
+        decisions = "—" if rl is None else ", ".join(f"{k} {n:,}" for k, n in rl.items()) or "none"
+        target = "—"
+        if BY_NAME[s["variant"]].rate_limited and d["p50_ms"] is not None:
+            target = "yes" if d["p50_ms"] < LIMITER_TARGET_MS else "NO"
+        lines.append((s["variant"] + (f" ({s['letter']})" if s["letter"] else ""), str(s["concurrency"]),
+                      d["variant"], _fmt(d["p50_ms"], "+.2f"), _fmt(d["p99_ms"], "+.2f"),
+                      _fmt(d["cpu_us_per_request"], "+,.0f"), _fmt(s["redis_cpu_us_per_request"], ",.0f"),
+                      _fmt(d["envoy_cpu_us_per_request"], "+,.0f"), _fmt(d["pct_rps"], ".1f", "%"), target,
+                      decisions))
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i in (0, 2, 10) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
+    rules = "; ".join(f"{r['name']}: {r['algorithm']} {r['limit']:,}/{r['period']} by {'+'.join(r['count_by'])}"
+                      for r in RATELIMIT_RULES)
+    out = [f"rate limiter cost (medians over rounds; extproc rows: {len(RATELIMIT_RULES)} rules on every request — "
+           f"{rules} — against extproc_authz, the same route and token on a sidecar without limits; Envoy's "
+           "local_ratelimit against plain):", fmt(head), fmt(tuple("-" * w for w in widths))]
+    out += [fmt(row) for row in lines]
+    bypass = [f"{s['variant']} c={s['concurrency']}: " + ", ".join(f"{k} {s['ratelimit'][k]:,}" for k in _STORE_BYPASS
+                                                                    if s["ratelimit"].get(k))
+              for s in rows if s.get("ratelimit") and any(s["ratelimit"].get(k) for k in _STORE_BYPASS)]
+    if bypass:
+        out.append("!! the store did not decide every request (store_timeout_ms exceeded or store down): "
+                   + "; ".join(bypass))
+    rejected = [f"{s['variant']} c={s['concurrency']}" for s in rows
+                if s.get("ratelimit") and (s["ratelimit"].get("over_limit") or s["ratelimit"].get("over_limit_cached"))]
+    if rejected:
+        out.append("!! requests rejected by the limiter (limits too low for this load): " + ", ".join(rejected))
+    return "\n".join(out)
 
 
 def by_concurrency(summary: list[dict]) -> list[dict]:
@@ -1073,6 +1298,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": f"GET {TARGET_PATH} (demo upstream) with Authorization: Bearer <token>: one RS256 token, "
                       "one ES256 token (*_es256), or the next of a pool of RS256 tokens per request (*_fresh)",
             "fresh_tokens": stack.fresh_pool_size or None,
+            "redis_version": stack.redis_version,
+            "ratelimit_rules": RATELIMIT_RULES if any(v.rate_limited for v in variants) else None,
             "python": platform.python_version(), "clk_tck": CLK_TCK,
         }
         print(f"extproc bench  {meta['date']}")
@@ -1084,6 +1311,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.warmup} s warm-up, {args.rounds} round(s), order rotated per round")
         print(f"target: {meta['target']}")
         print(f"variants: {', '.join(v.name for v in variants)}")
+        if stack.redis is not None:
+            print(f"redis: redis-server {stack.redis_version} on 127.0.0.1:{stack.ports.redis} (PID {stack.redis.pid}), "
+                  "no persistence, for extproc_ratelimit_redis")
         print(f"expected total: about {expected:.0f} s ({loads} loads of {per_load} s + start-up)", flush=True)
 
         verify(stack, variants)
@@ -1104,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
                     if row["error_count"] and row["envoy_events"]:
                         print("      Envoy: " + ", ".join(f"{k} +{n}" for k, n in row["envoy_events"].items()),
                               flush=True)
-        natives = [v for v in variants if "native" in v.filters]
+        natives = [v for v in variants if _uses_local_rl(v)]
         if natives:
             stats = envoy_stats(stack.ports.envoy_admin)
             limited = sum(stats.get(f"{_rl_prefix(v)}.http_local_rate_limit.rate_limited", 0) for v in natives)
@@ -1117,6 +1347,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in meta['loadavg_after'])}"
               + ("  (above 0.5 before the run: something else was using the CPUs; numbers are noisier)"
                  if meta["loadavg_before"][0] > 0.5 else ""))
+        block = limiter_block(summary)
+        if block:
+            print("\n" + block)
         notes = token_notes(summary)
         if notes:
             print("\ntokens and caches (summed over rounds):\n" + notes)
@@ -1131,7 +1364,10 @@ def main(argv: list[str] | None = None) -> int:
             doc = {"meta": meta, "variants": {v.name: {"letter": v.letter or None, "title": v.title,
                                                         "filters": list(v.filters), "sidecar": v.sidecar,
                                                         "floor": v.floor, "native": v.native, "key": v.key,
-                                                        "fresh": v.fresh, "policy": v.policy} for v in variants},
+                                                        "fresh": v.fresh, "policy": v.policy,
+                                                        "baseline": v.baseline,
+                                                        "ratelimit_store": SIDECARS.get(v.sidecar or "")}
+                                              for v in variants},
                    "summary": summary, "runs": rows}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 A smoke test only: it checks the bench produces numbers, never what the numbers are, and that
 the fresh-token variant really sends a new token per request (extproc's decision cache misses)
-while the repeat-token variant is served from that cache.
+while the repeat-token variant is served from that cache, and that the Redis rate-limit variant
+charges both its rules in Redis on every request (never the local fallback) and measures Redis' CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.fail("wrk is not installed: run ./scripts/setup --system (it installs wrk)")
     out = tmp_path / "bench.json"
-    variants = {"plain", "extproc_authz", "extproc_authz_fresh"}
+    variants = {"plain", "extproc_authz", "extproc_authz_fresh", "extproc_ratelimit_redis"}
     argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--variants", ",".join(sorted(variants)),
             "--duration", "1", "--fresh-tokens", "5000", "--json", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -63,4 +64,19 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
         # every request a new token: extproc verifies each one (a token reused from the pool may hit)
         assert fresh["auth_cache"]["miss"] >= 0.9 * (fresh["requests"] - toks["reused"]), (
             f"c={conns}: wrk's Lua did not rotate the token\n{text}")
-    assert doc["meta"]["envoy_version"] and doc["meta"]["pinning"]
+    rules = len(doc["meta"]["ratelimit_rules"])
+    redis_cpu = 0.0
+    for conns in (1, 32):
+        limited = rows[("extproc_ratelimit_redis", conns)]
+        rl = limited["ratelimit"]
+        # every Check (a retry too) is charged once per rule; the store decided each one
+        assert rl is not None and rl.get("ok", 0) >= 0.9 * rules * limited["requests"], (
+            f"c={conns}: rate-limit rules not applied on every request: {rl}\n{text}")
+        assert not any(rl.get(k) for k in ("local_fallback", "fail_open", "store_unavailable", "over_limit")), (
+            f"c={conns}: Redis did not decide every request: {rl}\n{text}")
+        assert limited["redis_cpu_us_per_request"] is not None, f"c={conns}: Redis CPU not measured\n{text}"
+        redis_cpu += limited["redis_cpu_us_per_request"]
+        assert limited["vs_baseline"]["variant"] == "extproc_authz"
+        assert rows[("extproc_authz", conns)]["ratelimit"] is None
+    assert redis_cpu > 0, f"Redis used no CPU: the limiter did not reach it\n{text}"
+    assert doc["meta"]["envoy_version"] and doc["meta"]["pinning"] and doc["meta"]["redis_version"]
