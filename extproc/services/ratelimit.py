@@ -117,6 +117,7 @@ class RateLimiter:
         self.timeout = cfg.store_timeout_ms / 1000
         self.deny_cache = DenyCache()
         self._store_ok = True
+        self._refund_failures = getattr(store, "refund_failures", 0)
 
     @property
     def empty(self) -> bool:
@@ -211,6 +212,12 @@ class RateLimiter:
             else:
                 self._mark_store(True)
                 outcomes = [r.outcome for r in first]
+                failed_refunds = getattr(self.store, "refund_failures", 0)
+                if failed_refunds != self._refund_failures:
+                    # a cross-slot refund that failed leaves its charge counted until the reset
+                    metrics.child(metrics.STORE_ERRORS, getattr(self.store, "name", "store"), "refund").inc(
+                        max(0, failed_refunds - self._refund_failures))
+                    self._refund_failures = failed_refunds
         for (rule, _), res in zip(shadow, results[1 if enforced else 0:], strict=False):
             if isinstance(res, BaseException):
                 continue
