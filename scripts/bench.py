@@ -875,9 +875,11 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
             problems.append(f"{name}: the store did not decide: {bypass}")
     if stack.redis is not None:
         keys = redis_command(stack.ports.redis, "DBSIZE")
-        if not isinstance(keys, int) or keys < len(RATELIMIT_RULES):
-            problems.append(f"Redis holds {keys} keys after the check, expected at least {len(RATELIMIT_RULES)} "
-                            "(one counter per rule)")
+        # at least the sliding window's counter: a token bucket that refills millions per second
+        # is full again (and its key expired) within milliseconds, so it may be gone already;
+        # the per-rule "ok" decisions above already prove every rule was decided by the store
+        if not isinstance(keys, int) or keys < 1:
+            problems.append(f"Redis holds {keys} keys after the check: the store kept no counter")
     if problems:
         raise BenchError("variant check failed:\n  " + "\n  ".join(problems))
 
