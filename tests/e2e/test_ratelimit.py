@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
 
 import pytest
 
 from extproc.demo import idp
-from tests.support.http import get, request
+from tests.support.http import burst, get, request
 from tests.support.procs import free_consecutive, wait_until
 from tests.support.redis_servers import RedisServer
 from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
@@ -58,20 +57,6 @@ def limited(tmp_path_factory):
         redis.stop()
 
 
-def burst(url: str, token: str, n: int, headers: dict | None = None) -> list:
-    out: list = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        r = get(url, token, headers=headers)
-        with lock:
-            out.append(r)
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    return out
 
 
 @pytest.mark.parametrize(("rule", "path"), [("tb", "/api/products/1"), ("sw", "/api/orders"), ("fw", "/api/users/1")])

@@ -10,7 +10,6 @@ limits are exact again afterwards; no node ever answered CROSSSLOT and no log me
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import Counter
@@ -26,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.crc import key_slot
 
 from extproc.demo import idp
-from tests.support.http import get
+from tests.support.http import burst, get
 from tests.support.procs import free_consecutive, wait_until
 from tests.support.redis_servers import RedisCluster
 from tests.support.stack import ROOT, SIDECAR, Stack, get_json, new_stack
@@ -94,20 +93,6 @@ def env(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ helpers ---
 
-def burst(url: str, token: str, n: int, headers: dict | None = None) -> list:
-    out: list = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        r = get(url, token, headers=headers)
-        with lock:
-            out.append(r)
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    return out
 
 
 def assert_exact(responses: list, limit: int, extra: int, rule: str) -> None:

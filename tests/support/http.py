@@ -44,3 +44,23 @@ def get(url: str, token: str | None = None, headers: dict[str, str] | None = Non
     if token:
         h["Authorization"] = f"Bearer {token}"
     return request("GET", url, h, **kw)
+
+
+def burst(url: str, token: str | None, n: int, headers: dict[str, str] | None = None,
+          timeout: float = 30.0) -> list[Response]:
+    """n concurrent GETs (one thread each), all started before any is awaited; bounded by `timeout`."""
+    import threading
+
+    out: list[Response] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        r = get(url, token, headers=headers)
+        with lock:
+            out.append(r)
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return out
