@@ -183,15 +183,6 @@ def build_store(cfg: cfgmod.StoreConfig) -> Store:
     return MemoryStore(max_keys=mem.max_keys)
 
 
-def _config_signature(path: Path) -> tuple[int, int, int] | None:
-    # stat follows symlinks, so a Kubernetes ConfigMap `..data` swap changes the signature
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 class Worker:
     """One serving process: the gRPC server, optionally the admin server, and their state."""
 
@@ -231,7 +222,7 @@ class Worker:
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
-        self._config_sig = _config_signature(self.config_path) if self.config_path else None
+        self._config_sig = cfgmod.file_signature(self.config_path) if self.config_path else None
         self.bound_port: int | None = None
 
     def runtime_ref(self) -> Runtime:
@@ -325,7 +316,7 @@ class Worker:
         if self.config_path is None:
             return False, "no config file to reload"
         async with self._reload_lock:
-            self._config_sig = _config_signature(self.config_path)
+            self._config_sig = cfgmod.file_signature(self.config_path)
             try:
                 new = cfgmod.load(self.config_path)
             except cfgmod.ConfigError as exc:
@@ -364,7 +355,7 @@ class Worker:
         assert self.config_path is not None
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
-            sig = _config_signature(self.config_path)
+            sig = cfgmod.file_signature(self.config_path)
             if sig is not None and sig != self._config_sig:
                 await self.reload("file changed")
 

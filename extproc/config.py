@@ -727,6 +727,16 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return cfg.model_copy(update={"providers": providers, "server": server, "admin": admin, "store": store})
 
 
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file apart: inode, mtime and size. stat follows symlinks, so a
+    Kubernetes ConfigMap `..data` swap, or a file replaced within one timestamp tick, changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def read_secret(file: Path | None, env: str | None, what: str) -> str | None:
     """A secret from a file (first line, stripped) or an environment variable; never inline."""
     if file is not None:

@@ -55,8 +55,8 @@ def request_from_check(check: pb.CheckRequest) -> Request:
     )
 
 
-def header_bytes(check: pb.CheckRequest) -> int:
-    return sum(len(k) + len(v) for k, v in check.attributes.request.http.headers.items())
+def header_bytes(headers: dict[str, str]) -> int:
+    return sum(len(k) + len(v) for k, v in headers.items())
 
 
 def _header_options(headers: tuple[tuple[str, str], ...]) -> list[base_pb2.HeaderValueOption]:
@@ -99,7 +99,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         rt = self._runtime()
         try:
             req = request_from_check(request)
-            if header_bytes(request) > rt.max_header_bytes:
+            if header_bytes(req.headers) > rt.max_header_bytes:
                 decision = deny(431, Reason.HEADERS_TOO_LARGE, "request headers too large")
             else:
                 policy = rt.policies.select(req.policy)

@@ -22,11 +22,10 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 
 import aiohttp
 
-from ..config import Provider, read_secret
+from ..config import Provider, file_signature, read_secret
 from ..core.jwt import NO_KEYS, KeySet, ProviderRules
 from ..telemetry import metrics
 
@@ -60,7 +59,7 @@ class KeySource:
         self._stale = False
         self._failing = False
         self._jwks_uri: str | None = provider.jwks_uri
-        self._file_mtime: tuple[int, int, int] | None = None
+        self._file_sig: tuple[int, int, int] | None = None
         self._last_fetch = -1e18
         self._wake = asyncio.Event()
         self._fetched = asyncio.Event()
@@ -102,7 +101,7 @@ class KeySource:
         p = self.provider
         try:
             if p.jwks_file is not None:
-                self._file_mtime = _mtime(p.jwks_file)
+                self._file_sig = file_signature(p.jwks_file)
                 self._install(KeySet.from_jwks(json.loads(p.jwks_file.read_text()), self.rules.algorithms), str(p.jwks_file))
             elif p.jwks is not None:
                 self._install(KeySet.from_jwks(p.jwks, self.rules.algorithms), "inline jwks")
@@ -232,13 +231,6 @@ class KeySource:
         assert self.provider.jwks_file is not None
         while True:
             await asyncio.sleep(min(self.provider.refresh_interval_seconds, MIN_REFRESH_SECONDS))
-            if _mtime(self.provider.jwks_file) != self._file_mtime:
+            if file_signature(self.provider.jwks_file) != self._file_sig:
                 self._load_local()
 
-
-def _mtime(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-    except OSError:
-        return None

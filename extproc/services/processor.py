@@ -39,8 +39,6 @@ from ..telemetry import metrics
 log = logging.getLogger("extproc.processor")
 POLICY_METADATA = "x-extproc-policy"
 
-CONCURRENT_REQUESTS = metrics.CONCURRENT_REQUESTS
-CONCURRENCY_LIMIT_REACHED = metrics.CONCURRENCY_LIMIT_REACHED
 
 _CONTINUE = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
@@ -103,7 +101,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
         return self.concurrency
 
     def _gauge(self, route: str) -> None:
-        metrics.child(CONCURRENT_REQUESTS, route).set(self.concurrency.in_flight(route))
+        metrics.child(metrics.CONCURRENT_REQUESTS, route).set(self.concurrency.in_flight(route))
 
     def _release(self, permit: Permit) -> None:
         if permit.held:
@@ -181,7 +179,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                 if permit is None and ex.opens(kind):
                     got = limiter.try_acquire(policy)
                     if isinstance(got, Rejection):
-                        metrics.child(CONCURRENCY_LIMIT_REACHED, policy).inc()
+                        metrics.child(metrics.CONCURRENCY_LIMIT_REACHED, policy).inc()
                         got = await self._admit(limiter, policy, got)
                     if isinstance(got, Rejection):
                         rejected = got
@@ -190,7 +188,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                         if permit.held:
                             self._gauge(policy)
                             if permit.over is not None:       # shadow mode: counted, let through
-                                metrics.child(CONCURRENCY_LIMIT_REACHED, policy).inc()
+                                metrics.child(metrics.CONCURRENCY_LIMIT_REACHED, policy).inc()
                 action = ex.step(kind, rejected is not None)
                 if action is Action.CONTINUE_WITH_TIMING:
                     ex.decision_seconds += time.perf_counter() - start

@@ -25,8 +25,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 from .. import config as cfgmod
 from ..core.authorize import Principal, RuleSet
@@ -264,9 +263,8 @@ class RateLimiter:
 
     def _reject(self, policy: CompiledPolicy, verdict: Verdict) -> Decision:
         rule = verdict.rejected_by[0] if verdict.rejected_by else ""
-        d = deny(429, Reason.RATE_LIMITED, f"rate limit {rule} exceeded", policy=policy.name, rule=rule,
-                 headers=tuple(verdict.headers()))
-        return d
+        return deny(429, Reason.RATE_LIMITED, f"rate limit {rule} exceeded", policy=policy.name, rule=rule,
+                    headers=tuple(verdict.headers()))
 
     async def reset(self, rule_name: str, values: list[str]) -> int:
         """Forget one partition's counters of a rule (admin API). Returns keys deleted."""
@@ -301,10 +299,4 @@ def add_answer_headers(d: Decision, verdict: Verdict | None) -> Decision:
     """Allowed responses carry the tightest rule's rate-limit headers."""
     if verdict is None or not d.allowed:
         return d
-    from dataclasses import replace
-
     return replace(d, response_headers=tuple(verdict.headers()))
-
-
-def principal_of(d: Decision) -> Any:
-    return d.principal

@@ -66,7 +66,6 @@ SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 # To move to telemetry/metrics.py. Labels: the configured domain (or "unknown"), the matched
 # node's name (or "unmatched" / "override"), and one of RESULTS — bounded by the config.
-RLS_DECISIONS = metrics.RLS_DECISIONS
 RESULTS = ("ok", "over_limit", "shadow_over_limit", "unlimited", "no_limit", "unknown_domain", "store_error",
            "not_checked")
 
@@ -150,7 +149,7 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
         count = len(request.descriptors)
         if domain is None:
             if count:
-                metrics.child(RLS_DECISIONS, UNKNOWN_DOMAIN, UNMATCHED, "unknown_domain").inc(count)
+                metrics.child(metrics.RLS_DECISIONS, UNKNOWN_DOMAIN, UNMATCHED, "unknown_domain").inc(count)
             return Response(overall_code=_OK, statuses=[Status(code=_OK) for _ in range(count)])
 
         hits = [self._hit(domain, d, request.hits_addend) for d in request.descriptors]
@@ -246,11 +245,11 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
             rule = hit.rule
             if rule is None:
                 statuses.append(Status(code=_OK))
-                metrics.child(RLS_DECISIONS, domain, UNMATCHED, "no_limit").inc()
+                metrics.child(metrics.RLS_DECISIONS, domain, UNMATCHED, "no_limit").inc()
                 continue
             if rule.limit is None:
                 statuses.append(Status(code=_OK, limit_remaining=MAX_REMAINING))
-                metrics.child(RLS_DECISIONS, domain, rule.name, "unlimited").inc()
+                metrics.child(metrics.RLS_DECISIONS, domain, rule.name, "unlimited").inc()
                 continue
             status = Status(code=_OK, current_limit=_current_limit(rule))
             outcome = outcomes.get(key) if key is not None else None
@@ -270,7 +269,7 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
                 if not rule.shadow and key is not None:
                     enforced[key] = outcome
             statuses.append(status)
-            metrics.child(RLS_DECISIONS, domain, rule.name, result).inc()
+            metrics.child(metrics.RLS_DECISIONS, domain, rule.name, result).inc()
         response = Response(overall_code=_OVER_LIMIT if over else _OK, statuses=statuses)
         if enforced:
             for name, value in Verdict.of(list(enforced.values())).headers():
@@ -281,7 +280,7 @@ class RateLimitServiceServicer(rls_pb2_grpc.RateLimitServiceServicer):
                               context: grpc.aio.ServicerContext) -> Response:
         for hit in hits:
             if hit.rule is not None and hit.rule.limit is not None:
-                metrics.child(RLS_DECISIONS, domain, hit.rule.name, "store_error").inc()
+                metrics.child(metrics.RLS_DECISIONS, domain, hit.rule.name, "store_error").inc()
         if failure_mode == "closed":
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "rate limit store unavailable (ratelimit_service.failure_mode: closed)")
