@@ -67,6 +67,7 @@ TARGET_PATH = "/api/products/1"
 ISSUER = "extproc-bench"
 AUDIENCE = "extproc-bench-api"
 CONCURRENCY = ((1, 1), (32, 2))          # (connections, wrk threads)
+STORE_TIMEOUT_MS = 20                   # the demo's rate_limits.store_timeout_ms
 FRESH_TOKENS = 20_000                    # default pool for the fresh-token variants
 MINT_ESTIMATE_S = 0.0004                 # RS256 signature per pooled token (2048-bit key)
 ERROR_FLAG_RATIO = 0.01
@@ -462,9 +463,11 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
     }
 
 
-def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extproc") -> dict:
+def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extproc",
+                   store_timeout_ms: int = STORE_TIMEOUT_MS) -> dict:
     """The `extproc` sidecar's config; the rate-limited sidecars add RATELIMIT_RULES on their store
-    (the demo's store_timeout_ms and local_fallback defaults) and differ in nothing else."""
+    (the demo's store_timeout_ms and local_fallback defaults unless --store-timeout-ms says otherwise)
+    and differ in nothing else."""
     grpc_port, admin_port = ports.sidecars[name]
     store = SIDECARS[name]
     cfg = {
@@ -487,7 +490,7 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extpr
         "unknown_policy": "deny",
     }
     if store:
-        cfg["rate_limits"] = {"store_timeout_ms": 20, "local_fallback": True, "headers": True,
+        cfg["rate_limits"] = {"store_timeout_ms": store_timeout_ms, "local_fallback": True, "headers": True,
                               "rules": RATELIMIT_RULES}
     return cfg
 
@@ -713,7 +716,7 @@ _STORE_BYPASS = ("local_fallback", "fail_open", "store_unavailable")
 
 
 def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
-                fresh_tokens: int) -> tuple[Stack, list[Proc]]:
+                fresh_tokens: int, store_timeout_ms: int = STORE_TIMEOUT_MS) -> tuple[Stack, list[Proc]]:
     """Start upstream, Redis, the sidecars, floor and Envoy; returns the stack and every Proc started."""
     from extproc import config as cfgmod
 
@@ -779,7 +782,8 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
         sidecars: dict[str, Proc] = {}
         for name in need_sidecars:
             cfg_path = tmp / f"{name}.yaml"
-            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_paths, name), sort_keys=False))
+            cfg_path.write_text(yaml.safe_dump(sidecar_config(ports, jwks_paths, name, store_timeout_ms),
+                                          sort_keys=False))
             try:
                 cfgmod.load(cfg_path)
             except cfgmod.ConfigError as exc:
@@ -1242,6 +1246,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh-tokens", type=int, default=FRESH_TOKENS,
                    help=f"RS256 tokens minted for the fresh-token variants (default {FRESH_TOKENS:,}); when a "
                    "run needs more, each variant cycles through them and the report says how many were reused")
+    p.add_argument("--store-timeout-ms", type=int, default=STORE_TIMEOUT_MS,
+                   help=f"rate_limits.store_timeout_ms of the rate-limited sidecars (default {STORE_TIMEOUT_MS}, the "
+                   "demo's); past it a decision falls back to the local limiter and the report flags it")
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 1 if args.quick else 5
@@ -1289,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()      # before our own processes start
     try:
         stack, started = start_stack(variants, tmp, token_ttl=int(expected * 3) + 3600,
-                                     fresh_tokens=args.fresh_tokens)
+                                     fresh_tokens=args.fresh_tokens, store_timeout_ms=args.store_timeout_ms)
         meta = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "envoy_version": stack.envoy_version, "envoy_concurrency": 1,
@@ -1302,6 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
             "fresh_tokens": stack.fresh_pool_size or None,
             "redis_version": stack.redis_version,
             "ratelimit_rules": RATELIMIT_RULES if any(v.rate_limited for v in variants) else None,
+            "store_timeout_ms": args.store_timeout_ms if any(v.rate_limited for v in variants) else None,
             "python": platform.python_version(), "clk_tck": CLK_TCK,
         }
         print(f"extproc bench  {meta['date']}")
@@ -1315,7 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"variants: {', '.join(v.name for v in variants)}")
         if stack.redis is not None:
             print(f"redis: redis-server {stack.redis_version} on 127.0.0.1:{stack.ports.redis} (PID {stack.redis.pid}), "
-                  "no persistence, for extproc_ratelimit_redis")
+                  f"no persistence, for extproc_ratelimit_redis; store_timeout_ms {args.store_timeout_ms}")
         print(f"expected total: about {expected:.0f} s ({loads} loads of {per_load} s + start-up)", flush=True)
 
         verify(stack, variants)
