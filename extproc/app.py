@@ -211,6 +211,10 @@ class Worker:
         from .core.concurrency import ConcurrencyLimiter
 
         self.concurrency = ConcurrencyLimiter.compile(cfg.concurrency)   # in-flight counts outlive reloads
+        from .services.cache import ResponseCache
+
+        # entries outlive reloads; the in-memory store would only repeat the in-process tier
+        self.cache = ResponseCache(cfg.cache, self.store if cfg.store.kind == "redis" else None)
         self.processor: ExternalProcessorService | None = None
         self.runtime = Runtime.build(cfg, self.revocations, self.apikeys, store=self.store,
                                      fallback=self.local_limits)
@@ -238,7 +242,8 @@ class Worker:
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(self.runtime_ref), server)
-        self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency)
+        await self.cache.start()
+        self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency, cache=self.cache)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         ratelimit_service.add_to_server(server, self.runtime_ref, lambda: self.store)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -254,7 +259,7 @@ class Worker:
             from .admin.server import AdminServer
 
             self.admin = AdminServer(self.cfg.admin, self, apikeys=self.apikeys, revocations=self.revocations,
-                                     ratelimiter=lambda: self.runtime.ratelimiter)
+                                     ratelimiter=lambda: self.runtime.ratelimiter, cache=self.cache)
             await self.admin.start()
         self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
         self._tasks.append(asyncio.create_task(self._follow_ratelimit_resets(), name="rl-resets"))
@@ -302,6 +307,7 @@ class Worker:
         await self.runtime.close()
         if self.revocations is not None:
             await self.revocations.close()
+        await self.cache.close()
         try:
             await self.store.close()
         except StoreError:

@@ -510,6 +510,82 @@ class Concurrency(_Closed):
     mode: Literal["enforce", "shadow"] = "enforce"
 
 
+def _cache_seconds(v: str | int | None) -> str | int | None:
+    if v is None:
+        return v
+    from .core.ratelimit import Period
+
+    if Period.parse(v).is_month:
+        raise ValueError("a cache lifetime is <N>s, <N>m, <N>h, <N>d or seconds, not a calendar month")
+    return v
+
+
+def seconds_of(v: str | int) -> int:
+    """Seconds of a duration written like a rate-limit period (`30s`, `5m`, `hour`, 3600)."""
+    from .core.ratelimit import Period
+
+    return Period.parse(v).seconds
+
+
+class CacheKey(_Closed):
+    """What joins a cached entry's key besides method, host and path. Per-user caching of private
+    data is an explicit choice (`per_user`), never an accident."""
+    headers: list[str] = Field(default_factory=list)      # request headers (lower-cased) that select the entry
+    claims: list[str] = Field(default_factory=list)       # identity metadata fields from ext_authz (e.g. org)
+    per_user: bool = False                                # the verified subject joins the key
+    query: Literal["sorted", "as_is", "ignore"] = "sorted"
+    query_ignore: list[str] = Field(default_factory=list)   # dropped parameters; `utm_*` matches a prefix
+    query_only: list[str] | None = None                     # keep only these parameters
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [h.lower() for h in v]
+
+
+class CacheRule(_Closed):
+    """One cached route: requests whose ext_proc policy and path match (first matching rule wins)."""
+    name: Annotated[str, Field(pattern=_NAME)]
+    policies: list[str] = Field(default_factory=list)       # empty: every policy
+    path_prefix: list[str] = Field(default_factory=list)    # empty: every path
+    path_regex: str | None = None
+    store: bool = True                 # false: matching reads are never stored (BYPASS), writes still invalidate
+    methods: list[Literal["GET", "HEAD"]] = Field(default_factory=lambda: ["GET", "HEAD"])
+    statuses: list[Annotated[int, Field(ge=200, le=599)]] = Field(
+        default_factory=lambda: [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501])
+    ttl: str | int | None = None       # when the response gives no freshness; none: such responses are not stored
+    max_ttl: str | int = "1d"
+    max_body_bytes: Annotated[int, Field(ge=0)] | None = None   # default: cache.max_body_bytes
+    stale_while_revalidate: str | int | None = None            # when the response does not say
+    stale_if_error: str | int | None = None
+    key: CacheKey = Field(default_factory=CacheKey)
+    invalidate_prefixes: list[str] = Field(default_factory=list)   # a successful write here also purges these
+    mode: Literal["enforce", "shadow"] = "enforce"
+
+    @field_validator("ttl", "max_ttl", "stale_while_revalidate", "stale_if_error")
+    @classmethod
+    def _durations(cls, v: str | int | None) -> str | int | None:
+        return _cache_seconds(v)
+
+    _regex = field_validator("path_regex")(Conditions._regex.__func__)
+    _prefixes = field_validator("path_prefix", "invalidate_prefixes")(Conditions._prefixes.__func__)
+
+
+class Cache(_Closed):
+    """Response caching in ext_proc: an in-process LRU (by bytes) in front of the shared store."""
+    rules: list[CacheRule] = Field(default_factory=list)
+    memory_max_bytes: Annotated[int, Field(ge=0)] = 64 * 1024 * 1024     # the in-process tier; 0: none
+    # Envoy buffers a stored body (mode override to BUFFERED); its default buffer limit is 1 MiB and a
+    # larger body can hang the response (ENVOY-NOTES), so a larger value needs Envoy's limit raised
+    max_body_bytes: Annotated[int, Field(ge=0, le=3 * 1024 * 1024)] = 1024 * 1024
+    shared: bool = True                # use the store (Redis) as the second tier, shared by every replica
+    store_timeout_ms: Annotated[int, Field(ge=1, le=1000)] = 20
+    # concurrent misses for one key wait this long for the first one's answer; stays below ext_proc's
+    # message_timeout (500 ms in envoy.yaml) so a waiter can still go upstream itself
+    collapse_timeout_ms: Annotated[int, Field(ge=0, le=400)] = 250
+    max_purge_records: Annotated[int, Field(ge=16)] = 10_000
+
+
 class Config(_Closed):
     server: Server = Field(default_factory=Server)
     admin: Admin = Field(default_factory=Admin)
@@ -520,6 +596,7 @@ class Config(_Closed):
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     ratelimit_service: RateLimitService = Field(default_factory=RateLimitService)
     concurrency: Concurrency = Field(default_factory=Concurrency)
+    cache: Cache = Field(default_factory=Cache)
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
 
@@ -548,6 +625,20 @@ class Config(_Closed):
                     out.append((("concurrency", field, name) if field == "routes" else ("concurrency", field),
                                 f"unknown policy {name!r}: routes are the policy names the Envoy routes pass "
                                 f"(defined: {sorted(self.policies) or 'none'})"))
+        names: set[str] = set()
+        for i, crule in enumerate(self.cache.rules):
+            if crule.name in names:
+                out.append((("cache", "rules", str(i), "name"), f"duplicate cache rule name {crule.name!r}"))
+            names.add(crule.name)
+            for j, pol in enumerate(crule.policies):
+                if pol not in self.policies:
+                    out.append((("cache", "rules", str(i), "policies", str(j)),
+                                f"unknown policy {pol!r} (defined: {sorted(self.policies) or 'none'})"))
+            if crule.max_body_bytes is not None and crule.max_body_bytes > self.cache.max_body_bytes:
+                out.append((("cache", "rules", str(i), "max_body_bytes"),
+                            f"{crule.max_body_bytes} is above cache.max_body_bytes ({self.cache.max_body_bytes})"))
+            if crule.ttl is not None and seconds_of(crule.ttl) > seconds_of(crule.max_ttl):
+                out.append((("cache", "rules", str(i), "ttl"), "ttl is above max_ttl"))
         from .core.descriptors import problems as rls_problems
 
         out.extend(rls_problems(self.ratelimit_service))

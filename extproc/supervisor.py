@@ -117,7 +117,13 @@ class Supervisor:
 
             limiter = RateLimiter(self.cfg.rate_limits, store)
             ratelimiter = lambda: limiter  # noqa: E731
-        admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations, ratelimiter=ratelimiter)
+        cache = None
+        if store is not None:
+            from .services.cache import ResponseCache
+
+            cache = ResponseCache(self.cfg.cache, store)     # not started: its purges go to the store
+        admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations, ratelimiter=ratelimiter,
+                            cache=cache)
         await admin.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.stop()))

@@ -15,7 +15,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class CacheEntry(_message.Message):
-    __slots__ = ("format_version", "status", "headers", "body", "stored_at_ms", "request_time_ms", "expires_at_ms", "etag", "last_modified", "vary")
+    __slots__ = ("format_version", "status", "headers", "body", "stored_at_ms", "request_time_ms", "expires_at_ms", "etag", "last_modified", "vary", "url", "tags", "stale_while_revalidate_ms", "stale_if_error_ms", "must_revalidate", "no_cache", "vary_stub", "initial_age_ms")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,14 @@ class CacheEntry(_message.Message):
     ETAG_FIELD_NUMBER: _ClassVar[int]
     LAST_MODIFIED_FIELD_NUMBER: _ClassVar[int]
     VARY_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    STALE_WHILE_REVALIDATE_MS_FIELD_NUMBER: _ClassVar[int]
+    STALE_IF_ERROR_MS_FIELD_NUMBER: _ClassVar[int]
+    MUST_REVALIDATE_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    VARY_STUB_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     status: int
     headers: _containers.RepeatedCompositeFieldContainer[Header]
@@ -36,4 +44,12 @@ class CacheEntry(_message.Message):
     etag: str
     last_modified: str
     vary: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, format_version: _Optional[int] = ..., status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., stored_at_ms: _Optional[int] = ..., request_time_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., etag: _Optional[str] = ..., last_modified: _Optional[str] = ..., vary: _Optional[_Iterable[str]] = ...) -> None: ...
+    url: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    stale_while_revalidate_ms: int
+    stale_if_error_ms: int
+    must_revalidate: bool
+    no_cache: bool
+    vary_stub: bool
+    initial_age_ms: int
+    def __init__(self, format_version: _Optional[int] = ..., status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., stored_at_ms: _Optional[int] = ..., request_time_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., etag: _Optional[str] = ..., last_modified: _Optional[str] = ..., vary: _Optional[_Iterable[str]] = ..., url: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., stale_while_revalidate_ms: _Optional[int] = ..., stale_if_error_ms: _Optional[int] = ..., must_revalidate: _Optional[bool] = ..., no_cache: _Optional[bool] = ..., vary_stub: _Optional[bool] = ..., initial_age_ms: _Optional[int] = ...) -> None: ...

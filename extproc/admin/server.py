@@ -9,6 +9,9 @@ GET  /config    the config in force, secrets redacted
 POST /reload    reload extproc.yaml now (bearer token required)
 GET|POST /apikeys, DELETE /apikeys/{id}   store-managed API keys (bearer token required)
 POST /ratelimits/reset   {"rule", "values"}: one partition of a rule starts afresh (bearer token required)
+POST /cache/purge   {"path"|"prefix"|"tag"|"key": VALUE}: void matching cache entries on every replica
+                (bearer token required)
+GET  /cache/stats   hits, misses, hit ratio, entries and bytes, per rule and in all (from the counters)
 POST /revoke    revoke a token (jti or digest) or every token of a subject (bearer token required)
 
 Mutating endpoints need `Authorization: Bearer <token>` with the token from admin.token_file
@@ -46,12 +49,14 @@ def _split(listen: str) -> tuple[str, int]:
 
 
 class AdminServer:
-    def __init__(self, cfg: cfgmod.Admin, target: Target, apikeys=None, revocations=None, ratelimiter=None):
+    def __init__(self, cfg: cfgmod.Admin, target: Target, apikeys=None, revocations=None, ratelimiter=None,
+                 cache=None):
         self.cfg = cfg
         self.target = target
         self.apikeys = apikeys
         self.revocations = revocations
         self.ratelimiter = ratelimiter     # callable returning the RateLimiter in force
+        self.cache = cache                 # the ResponseCache (purges reach every replica through the store)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -68,6 +73,9 @@ class AdminServer:
             add_apikey_routes(app, self.apikeys, self._authorized, audit)
         if self.ratelimiter is not None:
             app.router.add_post("/ratelimits/reset", self.ratelimit_reset)
+        if self.cache is not None:
+            app.router.add_post("/cache/purge", self.cache_purge)
+        app.router.add_get("/cache/stats", self.cache_stats)
         if self.revocations is not None:
             from .revocation import add_routes as add_revocation_routes
 
@@ -141,6 +149,63 @@ class AdminServer:
             return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
         audit.info("rate limit reset", extra={"action": "ratelimit.reset", "rule": rule})
         return web.json_response({"rule": rule, "deleted": deleted})
+
+    async def cache_purge(self, request: web.Request) -> web.Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        from ..services.cache import PURGE_KINDS
+
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or len(body) != 1:
+                raise ValueError
+            (kind, value), = body.items()
+            if kind not in PURGE_KINDS or not isinstance(value, str) or not value:
+                raise ValueError
+            if kind in ("path", "prefix") and not value.startswith("/"):
+                raise ValueError
+        except (ValueError, TypeError):
+            return web.json_response({"error": "expected one of {\"path\": \"/…\"}, {\"prefix\": \"/…\"}, "
+                                               "{\"tag\": TAG}, {\"key\": X-Cache-Key}"}, status=400)
+        try:
+            purge = await self.cache.purge(kind, value)
+        except StoreError as exc:
+            # this replica already voids the entries; the others could not be told
+            return web.json_response({"error": f"store unavailable: {exc}", "local": True}, status=503)
+        audit.info("cache purge", extra={"action": "cache.purge", "kind": kind, "value": value})
+        return web.json_response({"purged": {kind: value}, "at_ms": purge.at_ms})
+
+    async def cache_stats(self, request: web.Request) -> web.Response:
+        names = ("gateway_cache_hits_total", "gateway_cache_misses_total", "gateway_cache_stores_total",
+                 "gateway_cache_collapsed_total", "gateway_cache_stale_total", "gateway_cache_revalidated_total",
+                 "gateway_cache_shadow_hits_total")
+        per_rule = metrics.sums(*names, by="route")
+        tiers = metrics.sums("gateway_cache_entries", "gateway_cache_stored_bytes", by="tier")
+        bypass = metrics.sums("gateway_cache_bypass_total", by="reason")["gateway_cache_bypass_total"]
+        errors = metrics.sums("gateway_cache_errors_total", by="kind")["gateway_cache_errors_total"]
+
+        def summary(hits: float, misses: float) -> dict:
+            looked = hits + misses
+            return {"hits": int(hits), "misses": int(misses),
+                    "hit_ratio": round(hits / looked, 4) if looked else None}
+
+        rules = sorted({r for n in names for r in per_rule[n]})
+        out = {
+            **summary(sum(per_rule[names[0]].values()), sum(per_rule[names[1]].values())),
+            "stored": int(sum(per_rule[names[2]].values())),
+            "collapsed": int(sum(per_rule[names[3]].values())),
+            "stale_served": int(sum(per_rule[names[4]].values())),
+            "revalidated": int(sum(per_rule[names[5]].values())),
+            "shadow_hits": int(sum(per_rule[names[6]].values())),
+            "bypass": {k: int(v) for k, v in sorted(bypass.items())},
+            "errors": {k: int(v) for k, v in sorted(errors.items())},
+            "tiers": {tier: {"entries": int(tiers["gateway_cache_entries"].get(tier, 0)),
+                             "bytes": int(tiers["gateway_cache_stored_bytes"].get(tier, 0))}
+                      for tier in sorted(tiers["gateway_cache_entries"])},
+            "rules": {r: summary(per_rule[names[0]].get(r, 0), per_rule[names[1]].get(r, 0)) for r in rules},
+        }
+        return web.json_response(out)
 
     async def reload(self, request: web.Request) -> web.Response:
         denied = self._authorized(request)

@@ -21,8 +21,10 @@ from enum import Enum
 class Phase(Enum):
     AWAIT_REQUEST_HEADERS = "await_request_headers"
     AWAIT_RESPONSE_HEADERS = "await_response_headers"
+    AWAIT_RESPONSE_BODY = "await_response_body"   # a response to store: its body was asked for (BUFFERED)
     AWAIT_RESPONSE_END = "await_response_end"
     REJECTED = "rejected"                # answered at request headers; nothing more is expected
+    ANSWERED = "answered"                # answered from the cache (an ImmediateResponse); nothing more comes
 
 
 class Action(Enum):
@@ -36,6 +38,7 @@ class Action(Enum):
 TABLE: dict[tuple[Phase, str], tuple[Action, Phase]] = {
     (Phase.AWAIT_REQUEST_HEADERS, "request_headers"): (Action.CONTINUE, Phase.AWAIT_RESPONSE_HEADERS),
     (Phase.AWAIT_RESPONSE_HEADERS, "response_headers"): (Action.CONTINUE_WITH_TIMING, Phase.AWAIT_RESPONSE_END),
+    (Phase.AWAIT_RESPONSE_BODY, "response_body"): (Action.CONTINUE, Phase.AWAIT_RESPONSE_END),
 }
 
 # The same steps when the concurrency cap is full: only the opening message can be rejected.
@@ -59,6 +62,14 @@ class Exchange:
         self.phase = nxt
         return action
 
+    def answer(self) -> None:
+        """The cache answered (an ImmediateResponse): Envoy sends nothing more for this exchange."""
+        self.phase = Phase.ANSWERED
+
+    def expect_body(self) -> None:
+        """The response is to be stored: its body comes next (mode override to BUFFERED)."""
+        self.phase = Phase.AWAIT_RESPONSE_BODY
+
     def end_kind(self) -> str:
         """How a stream that ends now is counted."""
         if self.phase is Phase.AWAIT_RESPONSE_END:
@@ -67,6 +78,10 @@ class Exchange:
             return "client_gone"         # no response headers: the client aborted or a filter replied
         if self.phase is Phase.REJECTED:
             return "rejected"            # over the concurrency cap, answered by us
+        if self.phase is Phase.ANSWERED:
+            return "answered"            # a cache hit (or a stale entry standing in for an error)
+        if self.phase is Phase.AWAIT_RESPONSE_BODY:
+            return "body_lost"           # the client went away (or Envoy gave up) before the body was read
         return "empty"
 
 

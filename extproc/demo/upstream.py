@@ -64,7 +64,7 @@ JWKS_CACHE = "public, max-age=300"
 FAIL_MODES = ("500", "timeout", "reset")
 HOLD_SECONDS = 60.0          # a "timeout" failure holds the request this long at most
 MAX_DELAY_MS = 30_000
-MAX_BYTES = 16 * 1024 * 1024
+MAX_BYTES = 32 * 1024 * 1024
 TOKEN_TTL_SECONDS = 3600
 INTROSPECTION_CLIENT_ID = "extproc"
 INTROSPECTION_SECRET_FILE = "introspection-secret"
@@ -553,16 +553,29 @@ class Upstream:
         vary = [v.strip().lower() for h in headers.getall("vary", []) for v in h.split(",") if v.strip()]
         return self.json({"counter": counter, "url": url, "method": request.method,
                           "set": {k.lower(): v for k, v in headers.items()},
-                          "vary": {name: request.headers.get(name) for name in vary if name != "*"}},
+                          "vary": {name: request.headers.get(name) for name in vary if name != "*"},
+                          # reflected like a naive app building absolute URLs (cache-poisoning tests)
+                          "forwarded_host": request.headers.get("x-forwarded-host")},
                          headers=headers)
 
     async def bytes_(self, request: web.Request) -> web.Response:
-        """n bytes of a fixed pattern (for body-size limits), with headers from the query."""
+        """n bytes of a fixed pattern (for body-size limits), with headers from the query;
+        `x-chunked=1` sends them chunked, without Content-Length."""
         n = _int_param(request.match_info["n"], "n")
         if not 0 <= n <= MAX_BYTES:
             raise Reject(400, "size_out_of_range", message=f"n must be 0..{MAX_BYTES}")
         headers = _headers_from_query(request)
         body = (b"0123456789abcdef" * (n // 16 + 1))[:n]
+        if headers.pop("x-chunked", None) is not None:
+            # no Content-Length: the body goes out chunked, its size unknown until the end
+            resp = web.StreamResponse(headers=headers)
+            resp.content_type = "application/octet-stream"
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, n, 65536):
+                await resp.write(body[i:i + 65536])
+            await resp.write_eof()
+            return resp
         return web.Response(body=body, content_type="application/octet-stream", headers=headers)
 
     # -- /_control: observed and steered by tests, never routed by Envoy ---------------------

@@ -28,13 +28,16 @@ from collections.abc import Iterable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
+from ..core import httpcache
 from ..core.concurrency import ConcurrencyLimiter, Grant, Permit, Rejection, Ticket
 from ..core.exchange import Action, Exchange, server_timing
 from ..telemetry import metrics
+from .cache import Hit, Lookup, ResponseCache, collect_headers, identity_of, raw_headers
 
 log = logging.getLogger("extproc.processor")
 POLICY_METADATA = "x-extproc-policy"
@@ -60,6 +63,68 @@ def _timing_reply(seconds: float) -> pb.ProcessingResponse:
         response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[opt]))))
 
 
+_BUFFER_BODY = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
+
+
+def _option(key: str, value: bytes, action=_OVERWRITE) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value), append_action=action)
+
+
+def _cache_options(look: Lookup) -> list[base_pb2.HeaderValueOption]:
+    if not look.status:
+        return []
+    return [_option("x-cache-status", look.status.encode()),
+            _option("cache-status", f"extproc; {look.detail}".encode() if look.detail else b"extproc")]
+
+
+def hit_reply(hit: Hit, now: float, seconds: float) -> pb.ProcessingResponse:
+    """The stored response as an ImmediateResponse (Envoy adds content-length, date, server)."""
+    entry = hit.entry
+    ttl = int(entry.expires_at_ms / 1000 - now)
+    marks = [_option("age", str(httpcache.age(entry, now)).encode()),
+             _option("x-cache-status", hit.status.encode()),
+             _option("cache-status", f"extproc; {hit.detail}; ttl={ttl}".encode()),
+             _option("server-timing", server_timing(seconds).encode(), _APPEND)]
+    if hit.not_modified:
+        # RFC 9110 §15.4.5: the fields a 200 would carry that describe the representation's validators
+        kept = [_option(h.name, h.value, _APPEND) for h in entry.headers if h.name in _NOT_MODIFIED_FIELDS]
+        return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=304), headers=pb.HeaderMutation(set_headers=kept + marks),
+            details="extproc_cache_not_modified"))
+    stored = [_option(h.name, h.value, _APPEND) for h in entry.headers]
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=entry.status), headers=pb.HeaderMutation(set_headers=stored + marks),
+        body=b"" if hit.head else entry.body, details="extproc_cache_hit"))
+
+
+_NOT_MODIFIED_FIELDS = frozenset({"cache-control", "content-location", "etag", "expires", "vary", "last-modified"})
+
+
+def request_reply(look: Lookup) -> pb.ProcessingResponse:
+    """Forward without the unkeyed headers, and with the stored validators when revalidating (the
+    upstream answers 304 when the entry still holds)."""
+    opts = []
+    entry = look.entry
+    if look.revalidating and entry is not None:
+        if entry.etag:
+            opts.append(_option("if-none-match", entry.etag.encode("latin-1")))
+        if entry.last_modified:
+            opts.append(_option("if-modified-since", entry.last_modified.encode("latin-1")))
+    return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(set_headers=opts, remove_headers=list(look.strip)))))
+
+
+def response_reply(look: Lookup | None, seconds: float, store: bool) -> pb.ProcessingResponse:
+    opts = [_option("server-timing", server_timing(seconds).encode(), _APPEND)]
+    if look is not None:
+        opts += _cache_options(look)
+    reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+        response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=opts))))
+    if store:
+        reply.mode_override.CopyFrom(_BUFFER_BODY)
+    return reply
+
+
 def rejection_reply(rej: Rejection) -> pb.ProcessingResponse:
     """The ImmediateResponse for a request over its cap; Envoy adds content-length, date, server."""
     headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
@@ -77,8 +142,10 @@ def policy_of(context: grpc.aio.ServicerContext) -> str:
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, runtime_ref, concurrency: ConcurrencyLimiter | None = None):
+    def __init__(self, runtime_ref, concurrency: ConcurrencyLimiter | None = None,
+                 cache: ResponseCache | None = None):
         self._runtime = runtime_ref
+        self.cache = cache
         self._timing = metrics.child(metrics.DECISION_SECONDS, "ext_proc")
         self._waiters: dict[Ticket, asyncio.Future[Permit]] = {}
         self._replies: dict[Rejection, pb.ProcessingResponse] = {}
@@ -170,6 +237,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
         limiter = self.sync_limits(rt.config.concurrency)
         ex = Exchange()
         permit: Permit | None = None
+        cache = self.cache
+        if cache is not None:
+            cache.reconfigure(rt.config.cache)
+            if not cache.plan.applies_to(policy):
+                cache = None
+        look: Lookup | None = None
         end = "error"        # until the stream ends normally or by Envoy's reset
         try:
             async for msg in request_iterator:
@@ -189,6 +262,13 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                             self._gauge(policy)
                             if permit.over is not None:       # shadow mode: counted, let through
                                 metrics.child(metrics.CONCURRENCY_LIMIT_REACHED, policy).inc()
+                if cache is not None and rejected is None:
+                    reply = await self._cache_step(cache, ex, kind, msg, policy, look, start)
+                    if isinstance(reply, tuple):
+                        reply, look = reply
+                    if reply is not None:
+                        await context.write(reply)
+                        continue
                 action = ex.step(kind, rejected is not None)
                 if action is Action.CONTINUE_WITH_TIMING:
                     ex.decision_seconds += time.perf_counter() - start
@@ -209,7 +289,52 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             end = ex.end_kind()
             raise
         finally:
+            if look is not None:
+                self.cache.finish(look)
             if permit is not None:
                 self._release(permit)
             self._timing.observe(ex.decision_seconds)
             metrics.child(metrics.STREAMS, policy, end).inc()
+
+    # -- the cache --------------------------------------------------------------------------------
+    async def _cache_step(self, cache: ResponseCache, ex: Exchange, kind: str, msg, policy: str,
+                          look: Lookup | None, start: float):
+        """The cache's part of one message: a reply, (a reply, the new Lookup), or None when the
+        cache has nothing to add (the ordinary step then answers)."""
+        if kind == "request_headers":
+            headers = collect_headers(msg.request_headers.headers)
+            rule = cache.plan.rule_for(policy, headers.get(":path", "/").partition("?")[0])
+            if rule is None:
+                return None
+            got = await cache.lookup(rule, headers.get(":method", ""), headers, identity_of(msg.metadata_context))
+            if isinstance(got, Hit):
+                ex.answer()
+                ex.decision_seconds += time.perf_counter() - start
+                return hit_reply(got, cache.clock(), ex.decision_seconds), None
+            ex.step(kind)
+            ex.decision_seconds += time.perf_counter() - start
+            if (got.revalidating and got.entry is not None) or got.strip:
+                return request_reply(got), got
+            return _CONTINUE[kind], got
+        if look is None:
+            return None
+        if kind == "response_headers":
+            hdrs = raw_headers(msg.response_headers.headers)
+            status = next((int(v) for k, v in hdrs if k == ":status" and v.isdigit()), 0)
+            got = cache.on_response(look, status, hdrs)
+            ex.decision_seconds += time.perf_counter() - start
+            if isinstance(got, Hit):
+                ex.answer()
+                return hit_reply(got, cache.clock(), ex.decision_seconds)
+            ex.step(kind)
+            if got:
+                ex.expect_body()
+            return response_reply(look, ex.decision_seconds, store=got)
+        if kind == "response_body":
+            body = msg.response_body
+            if body.end_of_stream:
+                cache.on_body(look, body.body)
+                ex.step(kind)
+            ex.decision_seconds += time.perf_counter() - start
+            return _CONTINUE[kind]
+        return None

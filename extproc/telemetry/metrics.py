@@ -82,6 +82,43 @@ RLS_DECISIONS = Counter(
     "extproc_rls_decisions_total",
     "RateLimitService (ShouldRateLimit) descriptor outcomes, by domain, configured descriptor and result.",
     ["domain", "descriptor", "result"])
+CACHE_HITS = Counter(
+    "gateway_cache_hits_total", "Requests answered from the response cache (fresh, collapsed, revalidated or "
+    "stale), by cache rule.", ["route"])
+CACHE_MISSES = Counter(
+    "gateway_cache_misses_total", "Cacheable requests sent upstream (no usable entry), by cache rule.", ["route"])
+CACHE_BYPASS = Counter(
+    "gateway_cache_bypass_total", "Requests or responses on a cached route that the cache stepped aside for, "
+    "by cache rule and reason (method, range, no_store, private, set_cookie, authenticated, too_large, ...).",
+    ["route", "reason"])
+CACHE_STALE = Counter(
+    "gateway_cache_stale_total", "Stale entries served (stale-while-revalidate, stale-if-error).", ["route"])
+CACHE_REVALIDATED = Counter(
+    "gateway_cache_revalidated_total", "Stale entries refreshed by a 304 from the upstream.", ["route"])
+CACHE_COLLAPSED = Counter(
+    "gateway_cache_collapsed_total", "Concurrent misses answered by the one request that went upstream.", ["route"])
+CACHE_SHADOW_HITS = Counter(
+    "gateway_cache_shadow_hits_total", "Would-be hits on rules in shadow mode (counted, not served).", ["route"])
+CACHE_STORES = Counter(
+    "gateway_cache_stores_total", "Responses stored, by cache rule.", ["route"])
+CACHE_ENTRIES = Gauge(
+    "gateway_cache_entries", "Entries held by a cache tier (memory: this process's LRU).", ["tier"],
+    multiprocess_mode="livesum")
+CACHE_BYTES = Gauge(
+    "gateway_cache_stored_bytes", "Bytes held by a cache tier (memory: this process's LRU, within "
+    "cache.memory_max_bytes).", ["tier"], multiprocess_mode="livesum")
+CACHE_WRITTEN_BYTES = Counter(
+    "gateway_cache_written_bytes_total", "Encoded entry bytes written, by tier (store: the shared Redis tier).",
+    ["tier"])
+CACHE_ERRORS = Counter(
+    "gateway_cache_errors_total", "Cache failures that made it step aside (store_timeout, store_error, "
+    "store_write, bad_entry, purge_share, write_queue_full).", ["kind"])
+CACHE_INVALIDATIONS = Counter(
+    "gateway_cache_invalidations_total", "Purge records made through this replica (writes and admin purges).",
+    ["origin"])
+CACHE_INVALIDATION_LAG = Histogram(
+    "gateway_cache_invalidation_lag_seconds", "From a purge on any replica to this replica applying it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0))
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 
@@ -93,13 +130,35 @@ def child(metric, *labels: str):
     return metric.labels(*labels)
 
 
-def render() -> bytes:
-    """The exposition text; aggregated over workers in multiprocess mode."""
+def _registry():
     if MULTIPROC:
         registry = CollectorRegistry()
         _mp.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest()
+        return registry
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
+def render() -> bytes:
+    """The exposition text; aggregated over workers in multiprocess mode."""
+    return generate_latest(_registry())
+
+
+def sums(*names: str, by: str | None = None) -> dict[str, float] | dict[str, dict[str, float]]:
+    """Current values of the named samples (a counter's `_total`, a gauge's name) summed over labels
+    and workers; with `by`, broken down by that label as well."""
+    wanted = set(names)
+    flat: dict[str, float] = dict.fromkeys(names, 0.0)
+    split: dict[str, dict[str, float]] = {n: {} for n in names}
+    for family in _registry().collect():
+        for sample in family.samples:
+            if sample.name in wanted:
+                flat[sample.name] += sample.value
+                if by is not None:
+                    label = sample.labels.get(by, "")
+                    split[sample.name][label] = split[sample.name].get(label, 0.0) + sample.value
+    return split if by is not None else flat
 
 
 def mark_process_dead(pid: int) -> None:

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -44,14 +45,15 @@ def free_ports(n: int) -> list[int]:
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05,
-               what: str = "condition") -> None:
-    """Poll `check` until it returns true or the deadline passes (no fixed sleeps)."""
+               what: str = "condition") -> Any:
+    """Poll `check` until it returns a true value (returned) or the deadline passes (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            if check():
-                return
+            result = check()
+            if result:
+                return result
         except Exception as exc:  # noqa: BLE001 - polling tolerates errors until the deadline
             last_exc = exc
         time.sleep(interval)

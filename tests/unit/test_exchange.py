@@ -41,11 +41,26 @@ def test_unlisted_kinds_continue_without_phase_change(phase, kind):
     assert ex.phase is phase
 
 
-def test_table_only_names_the_two_header_steps():
+def test_table_names_the_header_steps_and_the_stored_body():
     assert TABLE == {
         (Phase.AWAIT_REQUEST_HEADERS, "request_headers"): (Action.CONTINUE, Phase.AWAIT_RESPONSE_HEADERS),
         (Phase.AWAIT_RESPONSE_HEADERS, "response_headers"): (Action.CONTINUE_WITH_TIMING, Phase.AWAIT_RESPONSE_END),
+        (Phase.AWAIT_RESPONSE_BODY, "response_body"): (Action.CONTINUE, Phase.AWAIT_RESPONSE_END),
     }
+
+
+def test_a_cache_answer_ends_the_exchange_and_a_lost_body_is_counted():
+    ex = Exchange()
+    ex.step("request_headers")
+    ex.answer()
+    assert ex.end_kind() == "answered"
+    ex = Exchange()
+    ex.step("request_headers")
+    ex.step("response_headers")
+    ex.expect_body()
+    assert ex.end_kind() == "body_lost"
+    assert ex.step("response_body") is Action.CONTINUE
+    assert ex.end_kind() == "complete"
 
 
 def test_response_headers_before_request_headers_get_no_timing():

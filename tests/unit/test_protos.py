@@ -30,7 +30,7 @@ def test_an_edited_proto_is_reported_stale(tmp_path: Path, monkeypatch: pytest.M
     text = proto.read_text()
     assert "repeated string vary = 10;" in text
     proto.write_text(text.replace("repeated string vary = 10;",
-                                  "repeated string vary = 10;\n  string content_encoding = 11;"))
+                                  "repeated string vary = 10;\n  string content_encoding = 99;"))
     monkeypatch.setattr(protos_build, "PROTO_DIR", edited)
     assert set(protos_build.stale()) >= {"cache_entry_pb2.py", "cache_entry_pb2.pyi"}
     assert protos_build.main(["--check"]) == 1
