@@ -227,6 +227,9 @@ def storable(status: int, headers: Mapping[str, str], policy: StorePolicy, *, au
         return Storable("private")
     if "set-cookie" in headers:
         return Storable("set_cookie")
+    ctype = headers.get("content-type", "")
+    if ctype.startswith(("text/event-stream", "application/grpc")):
+        return Storable("streaming")
     vary = tuple(sorted(set(header_list(headers.get("vary")))))
     if "*" in vary:
         return Storable("vary_star")

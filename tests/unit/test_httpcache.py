@@ -109,6 +109,8 @@ def test_not_modified(headers, expected):
     ({"cache_control": "no-cache"}, "no_cache_without_validator"),
     ({"cache_control": "max-age=60", "authenticated": True}, "authenticated"),
     ({"cache_control": "max-age=0"}, "already_stale"),
+    ({"cache_control": "max-age=60", "content_type": "text/event-stream"}, "streaming"),
+    ({"cache_control": "max-age=60", "content_type": "application/grpc"}, "streaming"),
 ])
 def test_responses_that_are_not_stored(kwargs, reason):
     assert verdict(**kwargs).reason == reason
