@@ -215,6 +215,10 @@ class Worker:
 
         # entries outlive reloads; the in-memory store would only repeat the in-process tier
         self.cache = ResponseCache(cfg.cache, self.store if cfg.store.kind == "redis" else None)
+        from .services.breaker import Breakers
+
+        # one state per upstream for the fleet (the store); the local record when the store is down
+        self.breakers = Breakers(cfg.circuit_breakers, self.store, self.local_limits)
         self.processor: ExternalProcessorService | None = None
         self.runtime = Runtime.build(cfg, self.revocations, self.apikeys, store=self.store,
                                      fallback=self.local_limits)
@@ -243,7 +247,9 @@ class Worker:
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(self.runtime_ref), server)
         await self.cache.start()
-        self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency, cache=self.cache)
+        await self.breakers.start()
+        self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency, cache=self.cache,
+                                                  breakers=self.breakers)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         ratelimit_service.add_to_server(server, self.runtime_ref, lambda: self.store)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -259,7 +265,8 @@ class Worker:
             from .admin.server import AdminServer
 
             self.admin = AdminServer(self.cfg.admin, self, apikeys=self.apikeys, revocations=self.revocations,
-                                     ratelimiter=lambda: self.runtime.ratelimiter, cache=self.cache)
+                                     ratelimiter=lambda: self.runtime.ratelimiter, cache=self.cache,
+                                     breakers=self.breakers)
             await self.admin.start()
         self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
         self._tasks.append(asyncio.create_task(self._follow_ratelimit_resets(), name="rl-resets"))
@@ -308,6 +315,7 @@ class Worker:
         if self.revocations is not None:
             await self.revocations.close()
         await self.cache.close()
+        await self.breakers.close()
         try:
             await self.store.close()
         except StoreError:

@@ -586,6 +586,68 @@ class Cache(_Closed):
     max_purge_records: Annotated[int, Field(ge=16)] = 10_000
 
 
+class FailureRate(_Closed):
+    """Open when at least `percent` % of the calls in the last `window_seconds` failed, once
+    `min_calls` were seen (evaluated per replica over its own calls, then shared by a trip)."""
+    percent: Annotated[float, Field(gt=0, le=100)]
+    window_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    min_calls: Annotated[int, Field(ge=1)] = 20
+
+
+class Fallback(_Closed):
+    """A static answer while the breaker is open (instead of 503 + JSON)."""
+    status: Annotated[int, Field(ge=200, le=599)] = 200
+    content_type: str = "application/json"
+    body: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class Breaker(_Closed):
+    """A circuit breaker for one upstream cluster (Envoy's cluster name, which ext_proc learns from
+    the `xds.cluster_name` attribute). Defaults are the webshop plan's: 5 consecutive failures,
+    30 s open, 3 half-open probes."""
+    consecutive_failures: Annotated[int, Field(ge=0)] = 5        # 0: off
+    failures_in_window: Annotated[int, Field(ge=0, le=1000)] = 0  # the dual-port gateway's 3 (0: off)
+    window_seconds: Annotated[float, Field(gt=0, le=86_400)] = 10.5
+    failure_rate: FailureRate | None = None
+    slow_call_ms: Annotated[int, Field(ge=1)] | None = None      # slower responses count as failures
+    failure_statuses: list[int | str] = Field(default_factory=lambda: ["5xx"])   # codes or classes; 4xx never count
+    open_seconds: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    half_open_probes: Annotated[int, Field(ge=1, le=1000)] = 3
+    close_after: Annotated[int, Field(ge=1)] | None = None        # probe successes that close it (default: probes)
+    mode: Literal["enforce", "shadow"] = "enforce"
+    fallback: Fallback | None = None
+    stale_from_cache: bool = True      # while open, answer with a cached copy (even stale) when one exists
+
+    @field_validator("failure_statuses")
+    @classmethod
+    def _statuses(cls, v: list[int | str]) -> list[int | str]:
+        for item in v:
+            if isinstance(item, int) and not isinstance(item, bool):
+                if not 500 <= item <= 599:
+                    raise ValueError(f"{item}: only 5xx statuses can count as failures (client errors never do)")
+            elif item != "5xx":
+                raise ValueError(f"{item!r}: use status codes (500-599) or \"5xx\"")
+        return v
+
+    def failure_codes(self) -> frozenset[int]:
+        out: set[int] = set()
+        for item in self.failure_statuses:
+            out.update(range(500, 600) if item == "5xx" else (item,))
+        return frozenset(out)
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> Breaker:
+        if not (self.consecutive_failures or self.failures_in_window or self.failure_rate):
+            raise ValueError("a breaker needs a trigger: consecutive_failures, failures_in_window or failure_rate")
+        return self
+
+
+class CircuitBreakers(_Closed):
+    upstreams: dict[str, Breaker] = Field(default_factory=dict)   # Envoy cluster name -> breaker
+    store_timeout_ms: Annotated[int, Field(ge=1, le=1000)] = 50   # past it, this replica breaks on its own state
+
+
 class Config(_Closed):
     server: Server = Field(default_factory=Server)
     admin: Admin = Field(default_factory=Admin)
@@ -597,6 +659,7 @@ class Config(_Closed):
     ratelimit_service: RateLimitService = Field(default_factory=RateLimitService)
     concurrency: Concurrency = Field(default_factory=Concurrency)
     cache: Cache = Field(default_factory=Cache)
+    circuit_breakers: CircuitBreakers = Field(default_factory=CircuitBreakers)
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
 

@@ -122,8 +122,14 @@ class Supervisor:
             from .services.cache import ResponseCache
 
             cache = ResponseCache(self.cfg.cache, store)     # not started: its purges go to the store
+        breakers = None
+        if store is not None:
+            from .services.breaker import Breakers
+            from .store.memory import MemoryStore
+
+            breakers = Breakers(self.cfg.circuit_breakers, store, MemoryStore())   # forcings go to the store
         admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations, ratelimiter=ratelimiter,
-                            cache=cache)
+                            cache=cache, breakers=breakers)
         await admin.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.stop()))

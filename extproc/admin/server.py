@@ -11,6 +11,9 @@ GET|POST /apikeys, DELETE /apikeys/{id}   store-managed API keys (bearer token r
 POST /ratelimits/reset   {"rule", "values"}: one partition of a rule starts afresh (bearer token required)
 POST /cache/purge   {"path"|"prefix"|"tag"|"key": VALUE}: void matching cache entries on every replica
                 (bearer token required)
+GET  /breakers      every circuit breaker: state, consecutive failures, forced, settings
+POST /breakers/{upstream}/open|close|reset   force open, force closed, or back to automatic and
+                closed; reaches every replica (bearer token required)
 GET  /cache/stats   hits, misses, hit ratio, entries and bytes, per rule and in all (from the counters)
 POST /revoke    revoke a token (jti or digest) or every token of a subject (bearer token required)
 
@@ -50,13 +53,14 @@ def _split(listen: str) -> tuple[str, int]:
 
 class AdminServer:
     def __init__(self, cfg: cfgmod.Admin, target: Target, apikeys=None, revocations=None, ratelimiter=None,
-                 cache=None):
+                 cache=None, breakers=None):
         self.cfg = cfg
         self.target = target
         self.apikeys = apikeys
         self.revocations = revocations
         self.ratelimiter = ratelimiter     # callable returning the RateLimiter in force
         self.cache = cache                 # the ResponseCache (purges reach every replica through the store)
+        self.breakers = breakers           # the Breakers (forcings reach every replica through the store)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -76,6 +80,9 @@ class AdminServer:
         if self.cache is not None:
             app.router.add_post("/cache/purge", self.cache_purge)
         app.router.add_get("/cache/stats", self.cache_stats)
+        if self.breakers is not None:
+            app.router.add_get("/breakers", self.breaker_list)
+            app.router.add_post("/breakers/{name}/{action}", self.breaker_force)
         if self.revocations is not None:
             from .revocation import add_routes as add_revocation_routes
 
@@ -175,6 +182,35 @@ class AdminServer:
             return web.json_response({"error": f"store unavailable: {exc}", "local": True}, status=503)
         audit.info("cache purge", extra={"action": "cache.purge", "kind": kind, "value": value})
         return web.json_response({"purged": {kind: value}, "at_ms": purge.at_ms})
+
+    async def breaker_list(self, request: web.Request) -> web.Response:
+        failures = metrics.sums("gateway_circuit_breaker_failures_total", by="upstream")
+        rejected = metrics.sums("gateway_circuit_breaker_rejected_total", by="upstream")
+        rows = await self.breakers.snapshot()
+        for row in rows:
+            row["failures_counted"] = int(failures["gateway_circuit_breaker_failures_total"].get(row["upstream"], 0))
+            row["rejected"] = int(rejected["gateway_circuit_breaker_rejected_total"].get(row["upstream"], 0))
+        return web.json_response({"breakers": rows})
+
+    async def breaker_force(self, request: web.Request) -> web.Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        name, action = request.match_info["name"], request.match_info["action"]
+        op = {"open": "force_open", "close": "force_close", "reset": "reset"}.get(action)
+        if op is None:
+            return web.json_response({"error": "action is open, close or reset"}, status=404)
+        try:
+            r = await self.breakers.force(name, op)
+        except KeyError:
+            return web.json_response({"error": f"no circuit breaker for upstream {name!r}"}, status=404)
+        except StoreError as exc:
+            return web.json_response({"error": f"store unavailable: {exc}", "local": True}, status=503)
+        from ..core.breaker import STATE_NAMES
+
+        audit.info("circuit breaker forced", extra={"action": f"breaker.{action}", "upstream": name})
+        return web.json_response({"upstream": name, "state": STATE_NAMES[r.state],
+                                  "forced": {0: None, 1: "open", 2: "closed"}[r.forced]})
 
     async def cache_stats(self, request: web.Request) -> web.Response:
         names = ("gateway_cache_hits_total", "gateway_cache_misses_total", "gateway_cache_stores_total",

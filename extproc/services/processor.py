@@ -21,10 +21,12 @@ when the runtime's config changes, the limiter is reconfigured in place.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -37,6 +39,7 @@ from ..core import httpcache
 from ..core.concurrency import ConcurrencyLimiter, Grant, Permit, Rejection, Ticket
 from ..core.exchange import Action, Exchange, server_timing
 from ..telemetry import metrics
+from .breaker import Admission, Breakers
 from .cache import Hit, Lookup, ResponseCache, collect_headers, identity_of, raw_headers
 
 log = logging.getLogger("extproc.processor")
@@ -143,9 +146,10 @@ def policy_of(context: grpc.aio.ServicerContext) -> str:
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime_ref, concurrency: ConcurrencyLimiter | None = None,
-                 cache: ResponseCache | None = None):
+                 cache: ResponseCache | None = None, breakers: Breakers | None = None):
         self._runtime = runtime_ref
         self.cache = cache
+        self.breakers = breakers
         self._timing = metrics.child(metrics.DECISION_SECONDS, "ext_proc")
         self._waiters: dict[Ticket, asyncio.Future[Permit]] = {}
         self._replies: dict[Rejection, pb.ProcessingResponse] = {}
@@ -233,22 +237,25 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
     # -- the stream -------------------------------------------------------------------------------
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         rt = self._runtime()
-        policy = rt.policy_label(policy_of(context))
+        named = policy_of(context)
+        policy = rt.policy_label(named)
         limiter = self.sync_limits(rt.config.concurrency)
         ex = Exchange()
         permit: Permit | None = None
-        cache = self.cache
-        if cache is not None:
-            cache.reconfigure(rt.config.cache)
-            if not cache.plan.applies_to(policy):
-                cache = None
-        look: Lookup | None = None
+        cache, breakers, flow = self._features(rt, policy)
         end = "error"        # until the stream ends normally or by Envoy's reset
         try:
             async for msg in request_iterator:
                 start = time.perf_counter()
                 kind = msg.WhichOneof("request")
                 rejected: Rejection | None = None
+                if not named and kind == "request_headers":
+                    # no x-extproc-policy (Istio, Envoy Gateway: no per-route ext_proc metadata):
+                    # the policy ext_authz decided with, from its forwarded dynamic metadata
+                    named = identity_of(msg.metadata_context).get("policy", "")
+                    if named:
+                        policy = rt.policy_label(named)
+                        cache, breakers, flow = self._features(rt, policy)
                 if permit is None and ex.opens(kind):
                     got = limiter.try_acquire(policy)
                     if isinstance(got, Rejection):
@@ -262,10 +269,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                             self._gauge(policy)
                             if permit.over is not None:       # shadow mode: counted, let through
                                 metrics.child(metrics.CONCURRENCY_LIMIT_REACHED, policy).inc()
-                if cache is not None and rejected is None:
-                    reply = await self._cache_step(cache, ex, kind, msg, policy, look, start)
-                    if isinstance(reply, tuple):
-                        reply, look = reply
+                if flow is not None and rejected is None:
+                    reply = await self._flow_step(cache, breakers, flow, ex, kind, msg, policy, start)
                     if reply is not None:
                         await context.write(reply)
                         continue
@@ -289,39 +294,46 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             end = ex.end_kind()
             raise
         finally:
-            if look is not None:
-                self.cache.finish(look)
+            if flow is not None:
+                if flow.look is not None:
+                    self.cache.finish(flow.look)
+                if flow.admission is not None and not flow.recorded:
+                    self.breakers.abandon(flow.admission)      # the client went away: a probe frees its slot
             if permit is not None:
                 self._release(permit)
             self._timing.observe(ex.decision_seconds)
             metrics.child(metrics.STREAMS, policy, end).inc()
 
-    # -- the cache --------------------------------------------------------------------------------
-    async def _cache_step(self, cache: ResponseCache, ex: Exchange, kind: str, msg, policy: str,
-                          look: Lookup | None, start: float):
-        """The cache's part of one message: a reply, (a reply, the new Lookup), or None when the
-        cache has nothing to add (the ordinary step then answers)."""
+    # -- the cache and the circuit breaker --------------------------------------------------------
+    def _features(self, rt, policy: str) -> tuple[ResponseCache | None, Breakers | None, Flow | None]:
+        """The cache (when a rule can match this policy) and the breakers (when any is configured)."""
+        cache = self.cache
+        if cache is not None:
+            cache.reconfigure(rt.config.cache)
+            if not cache.plan.applies_to(policy):
+                cache = None
+        breakers = self.breakers
+        if breakers is not None:
+            if breakers.cfg is not rt.config.circuit_breakers:
+                breakers.reconfigure(rt.config.circuit_breakers)
+            if not breakers.specs:
+                breakers = None
+        return cache, breakers, (Flow() if cache is not None or breakers is not None else None)
+
+    async def _flow_step(self, cache: ResponseCache | None, breakers: Breakers | None, flow: Flow, ex: Exchange,
+                         kind: str, msg, policy: str, start: float) -> pb.ProcessingResponse | None:
+        """The cache's and the breaker's part of one message: the reply, or None when they have
+        nothing to add (the ordinary step then answers)."""
         if kind == "request_headers":
-            headers = collect_headers(msg.request_headers.headers)
-            rule = cache.plan.rule_for(policy, headers.get(":path", "/").partition("?")[0])
-            if rule is None:
-                return None
-            got = await cache.lookup(rule, headers.get(":method", ""), headers, identity_of(msg.metadata_context))
-            if isinstance(got, Hit):
-                ex.answer()
-                ex.decision_seconds += time.perf_counter() - start
-                return hit_reply(got, cache.clock(), ex.decision_seconds), None
-            ex.step(kind)
-            ex.decision_seconds += time.perf_counter() - start
-            if (got.revalidating and got.entry is not None) or got.strip:
-                return request_reply(got), got
-            return _CONTINUE[kind], got
-        if look is None:
-            return None
-        if kind == "response_headers":
+            return await self._on_request(cache, breakers, flow, ex, msg, policy, start)
+        if kind == "response_headers" and (flow.look is not None or flow.admission is not None):
             hdrs = raw_headers(msg.response_headers.headers)
             status = next((int(v) for k, v in hdrs if k == ":status" and v.isdigit()), 0)
-            got = cache.on_response(look, status, hdrs)
+            if flow.admission is not None:
+                flow.recorded = True
+                await breakers.record(flow.admission, status, time.perf_counter() - flow.started)
+            look = flow.look
+            got = cache.on_response(look, status, hdrs) if look is not None else False
             ex.decision_seconds += time.perf_counter() - start
             if isinstance(got, Hit):
                 ex.answer()
@@ -330,11 +342,87 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             if got:
                 ex.expect_body()
             return response_reply(look, ex.decision_seconds, store=got)
-        if kind == "response_body":
+        if kind == "response_body" and flow.look is not None:
             body = msg.response_body
             if body.end_of_stream:
-                cache.on_body(look, body.body)
+                cache.on_body(flow.look, body.body)
                 ex.step(kind)
             ex.decision_seconds += time.perf_counter() - start
             return _CONTINUE[kind]
         return None
+
+    async def _on_request(self, cache: ResponseCache | None, breakers: Breakers | None, flow: Flow, ex: Exchange,
+                          msg, policy: str, start: float) -> pb.ProcessingResponse | None:
+        flow.started = start
+        look: Lookup | None = None
+        rule = None
+        headers: dict[str, str] = {}
+        if cache is not None:
+            headers = collect_headers(msg.request_headers.headers)
+            rule = cache.plan.rule_for(policy, headers.get(":path", "/").partition("?")[0])
+            if rule is not None:
+                got = await cache.lookup(rule, headers.get(":method", ""), headers, identity_of(msg.metadata_context))
+                if isinstance(got, Hit):          # a fresh hit never reaches the upstream: no breaker involved
+                    ex.answer()
+                    ex.decision_seconds += time.perf_counter() - start
+                    return hit_reply(got, cache.clock(), ex.decision_seconds)
+                look = flow.look = got
+        if breakers is not None:
+            spec = breakers.spec_for(cluster_of(msg))
+            if spec is not None:
+                adm = await breakers.admit(spec)
+                if adm.rejected:
+                    ex.answer()
+                    ex.decision_seconds += time.perf_counter() - start
+                    if spec.stale_from_cache and look is not None and look.entry is not None \
+                            and not look.entry.vary_stub and not look.rule.shadow:
+                        metrics.child(metrics.CACHE_HITS, look.rule.name).inc()
+                        metrics.child(metrics.CACHE_STALE, look.rule.name).inc()
+                        stale = Hit(look.entry, "STALE", "hit; fwd=stale; detail=circuit-open",
+                                    head=look.method == "HEAD")
+                        return hit_reply(stale, cache.clock(), ex.decision_seconds)
+                    return self._open_reply(adm)
+                flow.admission = adm
+        if look is None:
+            return None
+        ex.step("request_headers")
+        ex.decision_seconds += time.perf_counter() - start
+        if (look.revalidating and look.entry is not None) or look.strip:
+            return request_reply(look)
+        return _CONTINUE["request_headers"]
+
+    def _open_reply(self, adm: Admission) -> pb.ProcessingResponse:
+        spec = adm.spec
+        marks = [_option("x-circuit-breaker", b"open"), _option("retry-after", str(adm.retry_after_s).encode())]
+        fb = spec.fallback
+        if fb is not None:
+            hdrs = [_option("content-type", fb.content_type.encode()), *marks,
+                    *(_option(k.lower(), v.encode()) for k, v in fb.headers.items())]
+            return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=fb.status), headers=pb.HeaderMutation(set_headers=hdrs),
+                body=fb.body.encode(), details="extproc_circuit_open_fallback"))
+        body = json.dumps({"error": "upstream_unavailable", "reason": "circuit_open", "upstream": spec.name,
+                           "retry_after": adm.retry_after_s}, separators=(",", ":")).encode()
+        hdrs = [_option("content-type", b"application/json"), *marks]
+        return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=503), headers=pb.HeaderMutation(set_headers=hdrs),
+            body=body, details="extproc_circuit_open"))
+
+
+@dataclass(slots=True)
+class Flow:
+    """One exchange's cache and breaker state, between its messages."""
+    look: Lookup | None = None
+    admission: Admission | None = None
+    recorded: bool = False
+    started: float = 0.0
+
+
+def cluster_of(msg) -> str:
+    """The upstream cluster Envoy routed the request to (the `xds.cluster_name` request attribute)."""
+    attrs = msg.attributes
+    if "envoy.filters.http.ext_proc" in attrs:
+        fields = attrs["envoy.filters.http.ext_proc"].fields
+        if "xds.cluster_name" in fields:
+            return fields["xds.cluster_name"].string_value
+    return ""

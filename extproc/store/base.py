@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from extproc.core.breaker import Params as BreakerParams
+from extproc.core.breaker import Result as BreakerResult
 from extproc.core.ratelimit import Limit, Outcome
 
 
@@ -167,6 +169,12 @@ class Store(Protocol):
         raise ValueError before any I/O. Redis scripts are sent by SHA; calls that concurrent
         requests make in one event-loop tick share one pipeline.
         """
+        ...
+
+    async def breaker(self, key: str, op: str, params: BreakerParams, now_ms: int, ttl_ms: int) -> BreakerResult:
+        """Apply one circuit-breaker transition (`extproc.core.breaker.step`) to the record at
+        `key`, atomically: every replica's outcomes and probe claims are serialised. The record
+        lives `ttl_ms` past its last change. Unknown ops raise ValueError before any I/O."""
         ...
 
     async def zadd(self, key: str, member: str, score: float) -> None:

@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from extproc.core import ratelimit
+from extproc.core import breaker, ratelimit
 from extproc.store.base import (
     RateCheck,
     RateResult,
@@ -71,13 +71,17 @@ class _RateState(dict[str, int]):
     """One rate-limit rule's state (a hash in Redis), as `extproc.core.ratelimit` reads it."""
 
 
-_CONTAINERS = (_ZSet, _RateState)
+class _Breaker(dict):
+    """One circuit breaker's record (a hash in Redis), as `extproc.core.breaker.step` reads it."""
+
+
+_CONTAINERS = (_ZSet, _RateState, _Breaker)
 
 
 class _Entry:
     __slots__ = ("value", "expires_us")
 
-    def __init__(self, value: bytes | int | _ZSet | _RateState, expires_us: int | None):
+    def __init__(self, value: bytes | int | _ZSet | _RateState | _Breaker, expires_us: int | None):
         self.value = value
         self.expires_us = expires_us
 
@@ -239,6 +243,23 @@ class MemoryStore:
                 assert charge.state is not None
                 self._insert(check.key, _Entry(_RateState(charge.state), now + charge.ttl_ms * 1000), now)
         return [RateResult(charge.outcome, admitted) for charge in charges]
+
+    async def breaker(self, key: str, op: str, params: breaker.Params, now_ms: int, ttl_ms: int) -> breaker.Result:
+        # lua/breaker.lua runs the same transitions in Redis
+        if op not in breaker.OPS:
+            raise ValueError(f"unknown breaker op {op!r}")
+        check_ttl(ttl_ms)
+        now = self._now_us()
+        entry = self._lookup(key, now)
+        if entry is not None and not isinstance(entry.value, _Breaker):
+            raise StoreError(f"memory breaker: {_WRONGTYPE}", transient=False)
+        rec = _Breaker() if entry is None else entry.value
+        result = breaker.step(rec, op, now_ms, params)
+        if entry is None:
+            self._insert(key, _Entry(rec, now + ttl_ms * 1000), now)
+        else:
+            entry.expires_us = now + ttl_ms * 1000
+        return result
 
     async def zadd(self, key: str, member: str, score: float) -> None:
         check_member(member)

@@ -74,7 +74,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.maint_notifications import MaintNotificationsConfig
 
-from extproc.core import ratelimit
+from extproc.core import breaker, ratelimit
 from extproc.store.base import (
     RateCheck,
     RateResult,
@@ -299,6 +299,7 @@ class RedisStore:
             self._client = Redis.from_pool(pool)
         self._fixed_window = self._client.register_script(_script_text("fixed_window.lua"))
         self._incr_ttl = self._client.register_script(_script_text("incr_ttl.lua"))
+        self._breaker = self._client.register_script(_script_text("breaker.lua"))
         self._ratelimit_text = _script_text(_RATELIMIT_LUA)
         self._ratelimit_sha = _script_sha(self._ratelimit_text)
         self._autobatch = autobatch
@@ -388,6 +389,18 @@ class RedisStore:
         except _DRIVER_ERRORS as exc:
             raise self._error("fixed_window_hit", exc) from exc
         return WindowResult(allowed == 1, count, max(0, limit - count), reset_ms)
+
+    async def breaker(self, key: str, op: str, params: breaker.Params, now_ms: int, ttl_ms: int) -> breaker.Result:
+        if op not in breaker.OPS:
+            raise ValueError(f"unknown breaker op {op!r}")
+        check_ttl(ttl_ms)
+        try:
+            if self._undiscovered():
+                await self._discover()
+            raw = await self._breaker(keys=[key], args=[op, int(now_ms), *params.args(), int(ttl_ms)])
+        except _DRIVER_ERRORS as exc:
+            raise self._error("breaker", exc) from exc
+        return breaker.Result.from_list(raw)
 
     async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
         check_rate_checks(checks, now_ms)

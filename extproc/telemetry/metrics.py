@@ -119,6 +119,21 @@ CACHE_INVALIDATIONS = Counter(
 CACHE_INVALIDATION_LAG = Histogram(
     "gateway_cache_invalidation_lag_seconds", "From a purge on any replica to this replica applying it.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0))
+BREAKER_STATE = Gauge(
+    "gateway_circuit_breaker_state", "Circuit breaker state per upstream as this replica knows it (0 closed, "
+    "1 open, 2 half-open).", ["upstream"], multiprocess_mode="livemax")
+BREAKER_FAILURES = Counter(
+    "gateway_circuit_breaker_failures_total", "Responses counted as failures (status or slow call), per upstream.",
+    ["upstream"])
+BREAKER_REJECTED = Counter(
+    "gateway_circuit_breaker_rejected_total", "Requests answered at once because the breaker was open (or "
+    "half-open with every probe slot taken), per upstream.", ["upstream"])
+BREAKER_SHADOW_REJECTED = Counter(
+    "gateway_circuit_breaker_shadow_rejected_total", "Would-be rejections of breakers in shadow mode.",
+    ["upstream"])
+BREAKER_TRANSITIONS = Counter(
+    "gateway_circuit_breaker_transitions_total", "State changes, counted by the replica that made them.",
+    ["upstream", "from", "to"])
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 

@@ -340,3 +340,32 @@ def test_reload_keeps_in_flight_counts(sidecar: Sidecar):
                 await finish(call)
             await drained("public")
     run(body)
+
+
+def test_without_route_metadata_the_policy_comes_from_ext_authz(sidecar: Sidecar):
+    """Istio and Envoy Gateway cannot set per-route ext_proc metadata: the policy ext_authz decided
+    with (forwarded dynamic metadata) names the route instead of the default policy."""
+    from google.protobuf import struct_pb2
+
+    def headers_with_policy(name: str) -> pb.ProcessingRequest:
+        msg = request_headers()
+        meta = struct_pb2.Struct()
+        meta.update({"policy": name, "auth": "jwt", "sub": "alice"})
+        msg.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(meta)
+        return msg
+
+    async def body():
+        async with sidecar.run(with_concurrency(sidecar, global_limit=50, default_route_limit=100,
+                                                routes={"sse": 1})) as rt:
+            held = rt.process()                                  # no x-extproc-policy
+            await held.write(headers_with_policy("sse"))
+            assert (await held.read()).WhichOneof("response") == "request_headers"
+            assert in_flight("sse") == 1
+            second = rt.process()
+            await second.write(headers_with_policy("sse"))
+            status, headers, doc = immediate(await second.read())
+            assert status == 503 and doc["route"] == "sse"
+            await second.done_writing()
+            await finish(held)
+            await drained("sse")
+    run(body)
