@@ -32,7 +32,7 @@ from .core.authorize import IpList, Requirements, RuleSet
 from .core.credentials import Source
 from .core.jwt import KeySet, ProviderRules
 from .core.policy import CompiledPolicy, PolicySet, ProviderPlan
-from .services import ratelimit_service
+from .services import accesslog, ratelimit_service
 from .services.authz import AuthorizationService
 from .services.identity import Identity
 from .services.jwks import KeySource
@@ -46,6 +46,7 @@ SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
     ratelimit_service.SERVICE_NAME,
+    accesslog.SERVICE_NAME,
 )
 STORE_PROBE_SECONDS = 2.0
 CONFIG_POLL_SECONDS = 1.0
@@ -245,13 +246,15 @@ class Worker:
             maximum_concurrent_rpcs=self.cfg.server.max_in_flight,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(self.runtime_ref), server)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationService(self.runtime_ref, breakers=self.breakers), server)
         await self.cache.start()
         await self.breakers.start()
         self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency, cache=self.cache,
                                                   breakers=self.breakers)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         ratelimit_service.add_to_server(server, self.runtime_ref, lambda: self.store)
+        accesslog.add_to_server(server, self.runtime_ref, lambda: self.breakers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -618,6 +618,11 @@ class Breaker(_Closed):
     mode: Literal["enforce", "shadow"] = "enforce"
     fallback: Fallback | None = None
     stale_from_cache: bool = True      # while open, answer with a cached copy (even stale) when one exists
+    # ext_proc: checked and fed in the ext_proc stream (exact, needs ext_proc on the route). lean: checked
+    # in the ext_authz call the route already pays for (its `policies`), outcomes fed by Envoy's access-log
+    # stream (batched, off the request path: failures counted with the flush interval's lag)
+    wiring: Literal["ext_proc", "lean"] = "ext_proc"
+    policies: list[str] = Field(default_factory=list)    # lean: the ext_authz policies of its routes
 
     @field_validator("failure_statuses")
     @classmethod
@@ -640,6 +645,8 @@ class Breaker(_Closed):
     def _some_trigger(self) -> Breaker:
         if not (self.consecutive_failures or self.failures_in_window or self.failure_rate):
             raise ValueError("a breaker needs a trigger: consecutive_failures, failures_in_window or failure_rate")
+        if self.wiring == "lean" and not self.policies:
+            raise ValueError("wiring: lean needs `policies`: the ext_authz policies of the routes to this upstream")
         return self
 
 
@@ -702,6 +709,16 @@ class Config(_Closed):
                             f"{crule.max_body_bytes} is above cache.max_body_bytes ({self.cache.max_body_bytes})"))
             if crule.ttl is not None and seconds_of(crule.ttl) > seconds_of(crule.max_ttl):
                 out.append((("cache", "rules", str(i), "ttl"), "ttl is above max_ttl"))
+        lean_policies: dict[str, str] = {}
+        for name, b in self.circuit_breakers.upstreams.items():
+            for j, pol in enumerate(b.policies):
+                if pol not in self.policies:
+                    out.append((("circuit_breakers", "upstreams", name, "policies", str(j)),
+                                f"unknown policy {pol!r} (defined: {sorted(self.policies) or 'none'})"))
+                elif pol in lean_policies:
+                    out.append((("circuit_breakers", "upstreams", name, "policies", str(j)),
+                                f"policy {pol!r} already guards upstream {lean_policies[pol]!r}"))
+                lean_policies.setdefault(pol, name)
         from .core.descriptors import problems as rls_problems
 
         out.extend(rls_problems(self.ratelimit_service))

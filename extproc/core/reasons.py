@@ -39,6 +39,7 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"
     CONCURRENCY_LIMIT = "concurrency_limit"
     RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"   # a fail-closed rule could not be checked: 503
+    CIRCUIT_OPEN = "circuit_open"                     # the upstream's breaker is open (lean wiring): 503
     POLICY_UNKNOWN = "policy_unknown"
     HEADERS_TOO_LARGE = "headers_too_large"
     STORE_ERROR = "store_error"

@@ -85,14 +85,44 @@ def to_check_response(d: Decision, timing_header: str | None = None) -> pb.Check
     denied = pb.DeniedHttpResponse(status=http_status_pb2.HttpStatus(code=d.status),
                                    headers=_header_options(d.headers), body=d.body.decode())
     status = _UNAUTHENTICATED_STATUS if d.status == 401 else _DENIED_STATUS
-    return pb.CheckResponse(status=status, denied_response=denied)
+    resp = pb.CheckResponse(status=status, denied_response=denied)
+    if d.policy:
+        # the access log (and gateway_requests_total) name the policy and the reason of a denial too
+        meta = struct_pb2.Struct()
+        meta.update({"policy": d.policy, "reason": d.reason.value, **({"rule": d.rule} if d.rule else {})})
+        resp.dynamic_metadata.CopyFrom(meta)
+    return resp
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):
-    def __init__(self, runtime_ref):
+    def __init__(self, runtime_ref, breakers=None):
         # runtime_ref() returns the Runtime in force; a reload swaps it between calls
         self._runtime = runtime_ref
+        self.breakers = breakers         # services.breaker.Breakers: the lean wiring's check
         self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
+
+    async def _lean_breaker(self, rt, policy: str, request_id: str, decision):
+        """The lean wiring: the breaker of this policy's upstream, checked in the call the route
+        already pays for (outcomes come from Envoy's access-log stream)."""
+        breakers = self.breakers
+        if breakers.cfg is not rt.config.circuit_breakers:
+            breakers.reconfigure(rt.config.circuit_breakers)
+        spec = breakers.lean_for(policy)
+        if spec is None:
+            return decision
+        adm = await breakers.admit(spec)
+        if adm.probe:
+            breakers.hold_probe(request_id, adm)
+        if not adm.rejected:
+            return decision
+        marks = (("retry-after", str(adm.retry_after_s)), ("x-circuit-breaker", "open"))
+        fb = spec.fallback
+        if fb is not None:
+            return Decision(False, Reason.CIRCUIT_OPEN, status=fb.status, policy=policy, rule=f"breaker:{spec.name}",
+                            headers=(("content-type", fb.content_type), *marks,
+                                     *((k.lower(), v) for k, v in fb.headers.items())), body=fb.body.encode())
+        return deny(503, Reason.CIRCUIT_OPEN, f"upstream {spec.name} is unavailable (circuit open)",
+                    policy=policy, rule=f"breaker:{spec.name}", headers=marks)
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         start = time.perf_counter()
@@ -113,6 +143,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
                             decision = limited
                         elif verdict is not None and rt.ratelimiter.cfg.headers:
                             decision = add_answer_headers(decision, verdict)
+                    if decision.allowed and self.breakers is not None:
+                        decision = await self._lean_breaker(rt, policy.name, req.request_id, decision)
         except Exception:  # noqa: BLE001 - a request we cannot judge is an UNAVAILABLE, never a crash
             log.exception("check failed")
             metrics.child(metrics.DECISIONS, "authz", "", "error", Reason.INTERNAL.value).inc()

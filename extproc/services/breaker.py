@@ -42,6 +42,7 @@ from ..telemetry import metrics
 log = logging.getLogger("extproc.breaker")
 CHANNEL = "events"
 RECORD_TTL_MS = 7 * 24 * 3600 * 1000
+MAX_PENDING_PROBES = 10_000
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class Spec:
     fallback: cfgmod.Fallback | None
     stale_from_cache: bool
     rate: cfgmod.FailureRate | None
+    lean: bool = False
 
     @classmethod
     def compile(cls, name: str, b: cfgmod.Breaker) -> Spec:
@@ -92,7 +94,7 @@ class Spec:
                            window_ms=int(b.window_seconds * 1000), open_ms=int(b.open_seconds * 1000),
                            probes=b.half_open_probes, close_after=b.close_after or b.half_open_probes)
         return cls(name, params, b.failure_codes(), b.slow_call_ms / 1000 if b.slow_call_ms else None,
-                   b.mode == "shadow", b.fallback, b.stale_from_cache, b.failure_rate)
+                   b.mode == "shadow", b.fallback, b.stale_from_cache, b.failure_rate, b.wiring == "lean")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +132,15 @@ class Breakers:
         self._degraded_logged = False
         self._background: set[asyncio.Task[None]] = set()
         self.last_shared = True
+        self._probes: dict[str, Admission] = {}
 
     def reconfigure(self, cfg: cfgmod.CircuitBreakers) -> None:
         self.cfg = cfg
         self.specs = {name: Spec.compile(name, b) for name, b in cfg.upstreams.items()}
+        self._ext_proc = {n: s for n, s in self.specs.items() if not s.lean}
+        self._lean_by_policy = {p: self.specs[n] for n, b in cfg.upstreams.items() if b.wiring == "lean"
+                                for p in b.policies}
+        self._lean = frozenset(n for n, s in self.specs.items() if s.lean)
         for name, spec in self.specs.items():
             self.views.setdefault(name, View())
             metrics.child(metrics.BREAKER_STATE, name).set(self.views[name].state)
@@ -211,7 +218,39 @@ class Breakers:
 
     # -- the request path ---------------------------------------------------------------------
     def spec_for(self, upstream: str) -> Spec | None:
-        return self.specs.get(upstream)
+        """The ext_proc-wired breaker of an upstream cluster."""
+        return self._ext_proc.get(upstream)
+
+    @property
+    def has_ext_proc(self) -> bool:
+        return bool(self._ext_proc)
+
+    def lean_for(self, policy: str) -> Spec | None:
+        """The lean-wired breaker guarding the routes of an ext_authz policy."""
+        return self._lean_by_policy.get(policy)
+
+    def lean_upstreams(self) -> frozenset[str]:
+        return self._lean
+
+    def hold_probe(self, request_id: str, adm: Admission) -> None:
+        """Lean wiring: a probe admitted in ext_authz, matched to its access-log entry later."""
+        if len(self._probes) >= MAX_PENDING_PROBES:
+            # entries that never came (Envoy dropped them): the oldest slots are given back
+            old_id, old = next(iter(self._probes.items()))
+            del self._probes[old_id]
+            self.abandon(old)
+        self._probes[request_id] = adm
+
+    async def record_logged(self, upstream: str, request_id: str, status: int, seconds: float,
+                            aborted: bool) -> None:
+        """Lean wiring: one finished request to `upstream`, from Envoy's access log."""
+        spec = self.specs.get(upstream)
+        if spec is None or not spec.lean:
+            return
+        adm = self._probes.pop(request_id, None) if request_id else None
+        if adm is None:
+            adm = Admission(spec)
+        await self.record(adm, None if aborted else status, seconds)
 
     async def admit(self, spec: Spec) -> Admission:
         view = self.views.get(spec.name) or View()

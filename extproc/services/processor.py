@@ -316,7 +316,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
         if breakers is not None:
             if breakers.cfg is not rt.config.circuit_breakers:
                 breakers.reconfigure(rt.config.circuit_breakers)
-            if not breakers.specs:
+            if not breakers.has_ext_proc:
                 breakers = None
         return cache, breakers, (Flow() if cache is not None or breakers is not None else None)
 

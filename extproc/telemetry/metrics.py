@@ -134,6 +134,14 @@ BREAKER_SHADOW_REJECTED = Counter(
 BREAKER_TRANSITIONS = Counter(
     "gateway_circuit_breaker_transitions_total", "State changes, counted by the replica that made them.",
     ["upstream", "from", "to"])
+REQUESTS = Counter(
+    "gateway_requests_total", "Requests Envoy finished, from its access-log stream: by route (the policy "
+    "ext_authz decided with, `none` without ext_authz), method and status.", ["route", "method", "status"])
+REQUEST_SECONDS = Histogram(
+    "gateway_request_duration_seconds", "Whole-request duration as Envoy logged it, by route.", ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+ACCESS_LOG_ENTRIES = Counter(
+    "extproc_access_log_entries_total", "Access-log entries received from Envoy's gRPC access logger.")
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 

@@ -31,6 +31,7 @@ OPEN_S = 1.0
 OVERRIDES = {
     "circuit_breakers.upstreams.payments.open_seconds": OPEN_S,
     "circuit_breakers.upstreams.legacy.open_seconds": OPEN_S,
+    "circuit_breakers.upstreams.reports.open_seconds": OPEN_S,
     # the cached /echo/cache helper's cluster, for the stale-cache fallback
     "circuit_breakers.upstreams.upstream": {"consecutive_failures": 3, "open_seconds": OPEN_S,
                                             "half_open_probes": 1},
@@ -93,7 +94,7 @@ def tripped(tmp_path_factory):
 def clean(tripped):
     """Every test starts with the failures off and every breaker closed and automatic."""
     fail(tripped, None, "off")
-    for name in ("payments", "legacy", "upstream"):
+    for name in ("payments", "legacy", "upstream", "reports"):
         assert admin(tripped, f"/breakers/{name}/reset").status == 200
     yield tripped
     fail(tripped, None, "off")
@@ -330,3 +331,47 @@ def test_store_down_each_replica_breaks_on_its_own(fleet_clean):
         fail(s, None, "off")
     wait_until(lambda: admin(s, "/breakers/payments/reset").status == 200, timeout=20, what="the store back")
     wait_until(lambda: pay(s, token).status == 404, timeout=20, what="closed again on every worker")
+
+
+# -- the lean wiring (ext_authz check, access-log outcomes) ---------------------------------------
+
+def test_the_lean_wiring_opens_from_logged_outcomes_and_rejects_in_ext_authz(clean, payer):
+    s = clean
+    before = hits(s, "/status/500")
+    for _ in range(5):
+        assert get(f"{s.external}/reports/status/500", payer).status == 500
+    # outcomes arrive with the access logger's flush (0.5 s in envoy.yaml), then the breaker opens
+    wait_until(lambda: breaker(s, "reports")["state"] == "open", timeout=5, what="opened from the access log")
+    r = get(f"{s.external}/reports/status/500", payer)
+    assert r.status == 503 and r.header("x-circuit-breaker") == "open" and r.header("retry-after")
+    assert r.json()["reason"] == "circuit_open"
+    assert hits(s, "/status/500") == before + 5              # the rejection never reached the upstream
+    # after the open duration probes pass; their logged successes close it
+    r = wait_until(lambda: (x := get(f"{s.external}/reports/status/200", payer)).status == 200 and x, timeout=5,
+                   what="a probe admitted")
+    assert [get(f"{s.external}/reports/status/200", payer).status for _ in range(2)] == [200, 200]
+    wait_until(lambda: breaker(s, "reports")["state"] == "closed", timeout=5, what="closed by the logged probes")
+    assert get(f"{s.external}/reports/status/200", payer).status == 200
+
+
+def test_access_log_counts_requests_by_policy_method_and_status(clean, payer):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = clean
+
+    def count(**labels: str) -> float:
+        with urllib.request.urlopen(f"{s.sidecar_admin}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(x.value for fam in text_string_to_metric_families(text) for x in fam.samples
+                   if x.name == "gateway_requests_total" and all(x.labels.get(k) == v for k, v in labels.items()))
+
+    ok_before = count(route="reports", method="GET", status="200")
+    denied_before = count(route="reports", method="GET", status="401")
+    for _ in range(3):
+        assert get(f"{s.external}/reports/status/200", payer).status == 200
+    assert get(f"{s.external}/reports/status/200").status == 401          # a denial carries its policy too
+    wait_until(lambda: count(route="reports", method="GET", status="200") >= ok_before + 3
+               and count(route="reports", method="GET", status="401") >= denied_before + 1,
+               timeout=5, what="the access-log entries counted")

@@ -290,7 +290,8 @@ def test_health_and_reflection(sidecar: Sidecar):
         async with sidecar.run(sidecar.config()) as rt:
             assert SERVICE_NAMES == ("envoy.service.auth.v3.Authorization",
                                      "envoy.service.ext_proc.v3.ExternalProcessor",
-                                     "envoy.service.ratelimit.v3.RateLimitService")
+                                     "envoy.service.ratelimit.v3.RateLimitService",
+                                     "envoy.service.accesslog.v3.AccessLogService")
             for name in ("", *SERVICE_NAMES):
                 assert await rt.health(name) == SERVING, name
             with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -96,7 +96,7 @@ def test_empty_file_is_the_default_config(tmp_path: Path):
 
 def test_shipped_config_loads():
     cfg = cfgmod.load(ROOT / "extproc.yaml")
-    assert set(cfg.policies) == {"public", "api", "api-shadow", "payments", "logout", "admin-area"}
+    assert set(cfg.policies) == {"public", "api", "api-shadow", "payments", "logout", "admin-area", "reports"}
     assert cfg.default_policy == "api"
     assert cfg.unknown_policy == "deny"
     assert cfg.policies["api-shadow"].mode == "shadow"
@@ -137,7 +137,7 @@ def test_check_config_cli_accepts_the_shipped_file(capsys: pytest.CaptureFixture
     path = str(ROOT / "extproc.yaml")
     assert cli.main(["check-config", path]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith(f"{path}: OK (6 policies, 2 providers, store memory, 1 worker(s))")
+    assert out.startswith(f"{path}: OK (7 policies, 2 providers, store memory, 1 worker(s))")
     assert err == ""
 
 
