@@ -19,25 +19,49 @@ One Envoy (`--concurrency 1`) gets one listener per variant, all routing to one 
   extproc_ext_proc     (e) ext_proc to extproc (request + response headers SEND, as envoy/envoy.yaml)
   extproc_both         (f) ext_authz then ext_proc to extproc, as envoy/envoy.yaml
 
-Every request carries an `Authorization: Bearer` token: the same RS256 token on every variant
-except the ES256 ones (one ES256 token) and the fresh ones, whose wrk Lua script takes the next
-token of a pre-minted pool (`--fresh-tokens`, RS256, same claims shape) for every request, each
-variant its own sequence continued across loads, so no token repeats until the pool runs out
-(the report says how many were reused). wrk drives each variant at c=1 and c=32 for
-`--duration` seconds; the sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat
-around each load, and `cpu/floor` divides it by the floor's of the same filter shape. The
-rate-limited variants run on sidecars of their own (the same config as `extproc`, plus the rules
-and their store), so `extproc_authz` keeps measuring a sidecar without limits; a block under the
-table gives what the limiter adds to `extproc_authz` (p50, sidecar CPU, Redis' own CPU). The
-filter and cluster settings follow envoy/envoy.yaml (status_on_error 503, timeouts, retry policy,
-HTTP/2 sidecar clusters); active health checks and outlier detection are left out, as they do
-nothing on a healthy single endpoint. The bootstrap is generated into a temp dir (`--keep` keeps
-it). Every process started here is stopped by its PID on exit, also on Ctrl-C or an error.
+The response-cache rows (no token, no ext_authz: ext_proc only, policy `public`, on the demo
+upstream's /delay/{ms}, which answers JSON without Cache-Control: the cache rule's `ttl` makes it
+fresh; a sidecar of their own, `extproc_cache`, whose config adds a `cache:` section):
+
+  extproc_cache_hit         (n) the same URL on every request: served from the in-process LRU (HIT)
+  extproc_cache_miss        (o) a new query key on every request (wrk Lua counter): MISS, body buffered and stored
+  extproc_cache_bypass      (p) the same URL with `Cache-Control: no-store` on the request: BYPASS
+  extproc_cache_hit_20ms    (q) the same three against /delay/20, an upstream answering in 20 ms
+  extproc_cache_miss_20ms   (r)
+  extproc_cache_bypass_20ms (s)
+  extproc_cache_lru         (t) a new key per request on /bytes/4096 to a sidecar whose LRU holds 2 MiB:
+                                its stored-bytes gauge is sampled during the load and must stay within it
+  native_cache              (u) Envoy's own cache filter (envoy.filters.http.cache, SimpleHttpCache), a hit on
+                                every request (its misses go through a hop listener adding Cache-Control)
+  floor_ext_proc_delay      (v) floor ext_proc on /delay/0 (CONTINUE on request and response headers)
+  plain_delay               (w) Envoy -> /delay/0, no filter
+
+Every request outside the cache rows carries an `Authorization: Bearer` token (Envoy's cache
+filter serves no request with one): the same RS256 token on every variant except the ES256 ones
+(one ES256 token) and the fresh ones, whose wrk Lua script takes the next token of a pre-minted
+pool (`--fresh-tokens`, RS256, same claims shape) for every request, each variant its own
+sequence continued across loads, so no token repeats until the pool runs out (the report says
+how many were reused). wrk drives each variant at c=1 and c=32 for `--duration` seconds; the
+sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat around each load, and
+`cpu/floor` divides it by the floor's of the same filter shape. The rate-limited variants run on
+sidecars of their own (the same config as `extproc`, plus the rules and their store), so
+`extproc_authz` keeps measuring a sidecar without limits; a block under the table gives what the
+limiter adds to `extproc_authz` (p50, sidecar CPU, Redis' own CPU). The filter and cluster
+settings follow envoy/envoy.yaml (status_on_error 503, timeouts, retry policy, HTTP/2 sidecar
+clusters); active health checks and outlier detection are left out, as they do nothing on a
+healthy single endpoint. The bootstrap is generated into a temp dir (`--keep` keeps it). Every
+process started here is stopped by its PID on exit, also on Ctrl-C or an error.
+
+A second block gives the cache rows side by side (the cache's own counts, the requests the
+upstream served, RSS) and reads the issue's claims from the medians: a hit is cheaper than a miss
+on the same route, faster than a 20 ms upstream, against the floor and Envoy's cache filter; the
+LRU row's stored-bytes gauge (sampled during the load) within its bound, or the bench exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as dt
 import json
@@ -50,6 +74,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -73,6 +98,14 @@ MINT_ESTIMATE_S = 0.0004                 # RS256 signature per pooled token (204
 ERROR_FLAG_RATIO = 0.01
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STARTUP_ESTIMATE_S = 8
+CACHE_POLICY = "public"                  # the cache listeners' ext_proc policy (auth none: only ext_proc matters)
+CACHE_TTL = "10m"                        # the bench rules' ttl (the /delay answers say nothing) and max_ttl
+CACHE_MEMORY_BYTES = 64 * 1024 * 1024    # extproc_cache's LRU: the demo's memory_max_bytes
+LRU_MEMORY_BYTES = 2 * 1024 * 1024       # extproc_cache_lru's LRU: small, so a load of new keys must evict
+LRU_BODY_BYTES = 4096                    # the LRU variant's body size (/bytes/N)
+LRU_SAMPLE_S = 0.5                       # the LRU variant's stored-bytes gauge and RSS are sampled this often
+NATIVE_CACHE_CONTROL = "public, max-age=600"    # what the hop adds for Envoy's cache filter
+UPSTREAM_20MS = 20.0
 
 
 class BenchError(Exception):
@@ -92,9 +125,17 @@ class Variant:
     denies_without_token: bool = False
     key: str = "rs256"            # which signing key's token the requests carry: "rs256", "es256"
     fresh: bool = False           # a different token on every request (the pool), not one repeat token
-    policy: str = "api"           # ext_authz context_extensions `policy` on the listener's route
+    policy: str = "api"           # the route's policy: ext_authz context_extensions, ext_proc x-extproc-policy
     native: str = "native"        # Envoy's jwt_authn variant on the same tokens (for %native)
     baseline: str | None = None   # the same listener without its rate limiter (the limiter block's Δ columns)
+    path: str = TARGET_PATH       # what every request asks for
+    token: bool = True            # send `Authorization: Bearer <token>` (Envoy's cache filter never serves those)
+    unique: bool = False          # a new cache key per request: `?k=<load>.<thread>.<n>` from wrk's Lua request()
+    headers: tuple[tuple[str, str], ...] = ()   # extra request headers
+    cache: str | None = None      # the response-cache row it is: hit, miss, bypass, lru, native
+    cluster: str = "upstream"     # the route's cluster (`upstream_cacheable`: the hop adding Cache-Control)
+    plain: str | None = "plain"   # Envoy alone on the same route (for %plain)
+    upstream_ms: float = 0.0      # the upstream's own delay on this route
 
     @property
     def rate_limited(self) -> bool:
@@ -103,8 +144,11 @@ class Variant:
 
 # the extproc sidecars: name -> rate-limit store (None: no rate_limits section, in-memory store).
 # Each is its own `extproc serve` process with its own gRPC cluster in Envoy.
-SIDECARS: dict[str, str | None] = {"extproc": None, "extproc_rl_memory": "memory", "extproc_rl_redis": "redis"}
+SIDECARS: dict[str, str | None] = {"extproc": None, "extproc_rl_memory": "memory", "extproc_rl_redis": "redis",
+                                   "extproc_cache": None, "extproc_cache_lru": None}
 RATELIMIT_SIDECARS = frozenset(k for k, store in SIDECARS.items() if store)
+# the response-cache sidecars: name -> cache.memory_max_bytes; the same `cache:` rules, in-memory store
+CACHE_SIDECARS: dict[str, int] = {"extproc_cache": CACHE_MEMORY_BYTES, "extproc_cache_lru": LRU_MEMORY_BYTES}
 LIMITER_TARGET_MS = 0.5                  # the service-mesh seed: the limiter adds < 0.5 ms (p50; read, not asserted)
 
 # two rules that match every request of policy `api`, as extproc.yaml's per-user and per-endpoint
@@ -114,6 +158,15 @@ RATELIMIT_RULES = [
      "limit": 100_000_000, "period": "minute"},
     {"name": "bench-per-route", "policies": ["api"], "count_by": ["route"], "algorithm": "token_bucket",
      "limit": 10_000_000, "period": "second"},
+]
+
+# the cache sidecars' rules: /delay/ (the hit, miss and bypass rows) and /bytes/ (the LRU row); neither
+# upstream answer carries Cache-Control, so the rule's ttl is their freshness (an unauthenticated request)
+CACHE_RULES = [
+    {"name": "bench-delay", "policies": [CACHE_POLICY], "path_prefix": ["/delay/"], "ttl": CACHE_TTL,
+     "max_ttl": CACHE_TTL},
+    {"name": "bench-bytes", "policies": [CACHE_POLICY], "path_prefix": ["/bytes/"], "ttl": CACHE_TTL,
+     "max_ttl": CACHE_TTL},
 ]
 
 
@@ -142,6 +195,39 @@ VARIANTS = (
     Variant("extproc_ext_proc", "e", "extproc ext_proc", ("ext_proc",), "extproc", "floor_ext_proc"),
     Variant("extproc_both", "f", "extproc ext_authz + ext_proc", ("authz", "ext_proc"), "extproc", "floor_both",
             denies_without_token=True),
+    # the response cache: ext_proc alone, policy public, no token, on the demo upstream's /delay/{ms}
+    Variant("extproc_cache_hit", "n", "extproc response cache: HIT (same URL), upstream 0 ms", ("ext_proc",),
+            "extproc_cache", "floor_ext_proc_delay", policy=CACHE_POLICY, native="native_cache",
+            path="/delay/0", token=False, cache="hit", plain="plain_delay"),
+    Variant("extproc_cache_miss", "o", "extproc response cache: MISS + store (new key per request), upstream 0 ms",
+            ("ext_proc",), "extproc_cache", "floor_ext_proc_delay", policy=CACHE_POLICY, native="native_cache",
+            path="/delay/0", token=False, unique=True, cache="miss", plain="plain_delay"),
+    Variant("extproc_cache_bypass", "p", "extproc response cache: BYPASS (request no-store), upstream 0 ms",
+            ("ext_proc",), "extproc_cache", "floor_ext_proc_delay", policy=CACHE_POLICY, native="native_cache",
+            path="/delay/0", token=False, headers=(("Cache-Control", "no-store"),), cache="bypass",
+            plain="plain_delay"),
+    Variant("extproc_cache_hit_20ms", "q", "extproc response cache: HIT (same URL), upstream 20 ms", ("ext_proc",),
+            "extproc_cache", "floor_ext_proc_delay", policy=CACHE_POLICY, native="native_cache",
+            path="/delay/20", token=False, cache="hit", plain=None, upstream_ms=UPSTREAM_20MS),
+    Variant("extproc_cache_miss_20ms", "r", "extproc response cache: MISS + store (new key per request), "
+            "upstream 20 ms", ("ext_proc",), "extproc_cache", "floor_ext_proc_delay", policy=CACHE_POLICY,
+            native="native_cache", path="/delay/20", token=False, unique=True, cache="miss", plain=None,
+            upstream_ms=UPSTREAM_20MS),
+    Variant("extproc_cache_bypass_20ms", "s", "extproc response cache: BYPASS (request no-store), upstream 20 ms",
+            ("ext_proc",), "extproc_cache", "floor_ext_proc_delay", policy=CACHE_POLICY, native="native_cache",
+            path="/delay/20", token=False, headers=(("Cache-Control", "no-store"),), cache="bypass", plain=None,
+            upstream_ms=UPSTREAM_20MS),
+    Variant("extproc_cache_lru", "t", f"extproc response cache: new key per request, {LRU_BODY_BYTES} B bodies, "
+            f"LRU of {LRU_MEMORY_BYTES // 1024 // 1024} MiB", ("ext_proc",), "extproc_cache_lru", None,
+            policy=CACHE_POLICY, native="native_cache", path=f"/bytes/{LRU_BODY_BYTES}", token=False, unique=True,
+            cache="lru", plain=None),
+    Variant("native_cache", "u", "Envoy cache filter (SimpleHttpCache): HIT (same URL)", ("cache",), None,
+            native="native_cache", path="/delay/0", token=False, cache="native", cluster="upstream_cacheable",
+            plain="plain_delay"),
+    Variant("floor_ext_proc_delay", "v", "floor ext_proc (CONTINUE) on /delay/0", ("ext_proc",), "floor",
+            policy=CACHE_POLICY, native="native_cache", path="/delay/0", token=False, plain="plain_delay"),
+    Variant("plain_delay", "w", "Envoy -> /delay/0", (), None, native="native_cache", path="/delay/0", token=False,
+            plain="plain_delay"),
 )
 BY_NAME = {v.name: v for v in VARIANTS} | {v.letter: v for v in VARIANTS if v.letter}
 
@@ -326,6 +412,7 @@ class Ports:
     upstream: int
     floor: int
     redis: int
+    hop: int                      # the listener that adds Cache-Control for Envoy's cache filter
     sidecars: dict[str, tuple[int, int]] = field(default_factory=dict)    # name -> (gRPC, admin)
     listeners: dict[str, int] = field(default_factory=dict)
 
@@ -391,6 +478,13 @@ def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
             out.append(_local_ratelimit(v))
         elif f == "local_rl":
             out.append(_local_ratelimit(v))
+        elif f == "cache":
+            # Envoy's own cache (1.40 also has cache_v2, marked work-in-progress); it fetches misses
+            # itself, past the rest of the chain (route response_headers_to_add are not applied)
+            out.append({"name": "envoy.filters.http.cache", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.cache.v3.CacheConfig",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.http.cache.simple_http_cache.v3"
+                                          ".SimpleHttpCacheConfig"}}})
         elif f == "authz":
             out.append({"name": "envoy.filters.http.ext_authz", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -402,6 +496,8 @@ def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "failure_mode_allow": False, "status_on_error": {"code": "ServiceUnavailable"},
                 "message_timeout": "0.5s",
+                # as envoy/envoy.yaml: the cache asks for a body it will store (mode_override to BUFFERED)
+                "allow_mode_override": True,
                 "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
                                     "request_body_mode": "NONE", "response_body_mode": "NONE",
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
@@ -413,7 +509,7 @@ def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
 
 
 def _route(v: Variant) -> dict:
-    route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+    route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": v.cluster}}
     per_filter = {}
     # the policy is named per route, as envoy/envoy.yaml does for /api/
     if "authz" in v.filters:
@@ -423,7 +519,7 @@ def _route(v: Variant) -> dict:
     if "ext_proc" in v.filters:
         per_filter["envoy.filters.http.ext_proc"] = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {"grpc_initial_metadata": [{"key": "x-extproc-policy", "value": "api"}]}}
+            "overrides": {"grpc_initial_metadata": [{"key": "x-extproc-policy", "value": v.policy}]}}
     if per_filter:
         route["typed_per_filter_config"] = per_filter
     return route
@@ -447,11 +543,31 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
                     {"name": v.name, "domains": ["*"], "routes": [_route(v)]}]},
                 "http_filters": _http_filters(v, jwks)}}]}],
         })
-    clusters = [{
-        "name": "upstream", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.upstream}}}}]}]},
-    }]
+    def static_cluster(name: str, port: int) -> dict:
+        return {"name": name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+
+    clusters = [static_cluster("upstream", ports.upstream)]
+    if any(v.cluster == "upstream_cacheable" for v in variants):
+        # Envoy's cache filter stores only what the response says is fresh, and the demo's /delay says
+        # nothing: a hop listener (the same Envoy) adds Cache-Control on the way. Only its misses pass it.
+        listeners.append({
+            "name": "cacheable_hop",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.hop}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": "cacheable_hop", "codec_type": "AUTO",
+                "route_config": {"name": "cacheable_hop", "response_headers_to_add": [
+                    {"header": {"key": "cache-control", "value": NATIVE_CACHE_CONTROL},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                    "virtual_hosts": [{"name": "cacheable_hop", "domains": ["*"], "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}],
+        })
+        clusters.append(static_cluster("upstream_cacheable", ports.hop))
     for name in SIDECARS:
         if any(v.sidecar == name for v in variants):
             clusters.append(_grpc_cluster(name, ports.sidecars[name][0]))
@@ -466,8 +582,9 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
 def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extproc",
                    store_timeout_ms: int = STORE_TIMEOUT_MS) -> dict:
     """The `extproc` sidecar's config; the rate-limited sidecars add RATELIMIT_RULES on their store
-    (the demo's store_timeout_ms and local_fallback defaults unless --store-timeout-ms says otherwise)
-    and differ in nothing else."""
+    (the demo's store_timeout_ms and local_fallback defaults unless --store-timeout-ms says otherwise),
+    the cache sidecars a `cache:` section (CACHE_RULES, their own memory_max_bytes), and they differ
+    in nothing else."""
     grpc_port, admin_port = ports.sidecars[name]
     store = SIDECARS[name]
     cfg = {
@@ -492,6 +609,9 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extpr
     if store:
         cfg["rate_limits"] = {"store_timeout_ms": store_timeout_ms, "local_fallback": True, "headers": True,
                               "rules": RATELIMIT_RULES}
+    if name in CACHE_SIDECARS:
+        # the in-process tier only (the store is in-memory: there is no shared tier to go to)
+        cfg["cache"] = {"memory_max_bytes": CACHE_SIDECARS[name], "shared": False, "rules": CACHE_RULES}
     return cfg
 
 
@@ -556,6 +676,39 @@ done = function(summary, latency, requests)
   local used = {}
   for i, t in ipairs(threads) do used[i] = string.format("%d", t:get("used")) end
   io.write('BENCHTOKENS {"used":[' .. table.concat(used, ",") .. ']}\n')
+end
+"""
+
+# a new cache key per request (the response-cache miss and LRU rows). Argument after `--`: a prefix
+# unique to the load. Thread t sends <path>?k=<prefix>.<t>.1, .2, ... (the -H headers kept), so no
+# key repeats within the run; done() prints how many each thread built (wrk's check call included).
+WRK_UNIQUE_LUA = _REPORT_LUA + r"""
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  prefix = args[1]
+  if not prefix then
+    error("usage: wrk ... -s unique.lua URL -- PREFIX")
+  end
+  base = wrk.path .. (string.find(wrk.path, "?", 1, true) and "&" or "?") .. "k=" .. prefix .. "." .. tid .. "."
+  used = 0
+end
+
+function request()
+  used = used + 1
+  return wrk.format(nil, base .. used)
+end
+
+done = function(summary, latency, requests)
+  report(summary, latency)
+  local used = {}
+  for i, t in ipairs(threads) do used[i] = string.format("%d", t:get("used")) end
+  io.write('BENCHKEYS {"used":[' .. table.concat(used, ",") .. ']}\n')
 end
 """
 
@@ -654,6 +807,12 @@ class Stack:
     fresh_check_token: str = ""   # minted like the pool, kept out of it: verify() sends it
     fresh_pool_size: int = 0
     fresh: dict[str, FreshSequence] = field(default_factory=dict)
+    unique_lua: Path | None = None
+    loads: int = 0                # wrk runs so far: the unique-key prefix of the next one
+
+    def next_prefix(self, v: Variant) -> str:
+        self.loads += 1
+        return f"{v.letter or v.name}{self.loads}"
 
     def server_of(self, v: Variant) -> Proc | None:
         if v.sidecar == "floor":
@@ -667,8 +826,24 @@ class Stack:
     def check_token(self, v: Variant) -> str:
         return self.fresh_check_token if v.fresh else self.tokens[v.key]
 
-    def url(self, v: Variant) -> str:
-        return f"http://127.0.0.1:{self.ports.listeners[v.name]}{TARGET_PATH}"
+    def url(self, v: Variant, key: str | None = None) -> str:
+        """The variant's URL; `key` adds a cache key of its own (`?k=`), as the unique-key Lua does."""
+        query = "" if key is None else ("&" if "?" in v.path else "?") + f"k={key}"
+        return f"http://127.0.0.1:{self.ports.listeners[v.name]}{v.path}{query}"
+
+    def headers(self, v: Variant, token: str | None = None) -> dict[str, str]:
+        """The request headers of the variant's load (the token: the repeat one unless given)."""
+        out = dict(v.headers)
+        if v.token:
+            out["Authorization"] = f"Bearer {token or self.tokens[v.key]}"
+        return out
+
+    def upstream_requests(self) -> int:
+        """Requests the demo upstream has served so far (its /_control/hits, which it never counts)."""
+        status, body = http_get(f"http://127.0.0.1:{self.ports.upstream}/_control/hits")
+        if status != 200:
+            raise BenchError(f"upstream /_control/hits answered {status}")
+        return int(json.loads(body)["total"])
 
 
 def envoy_stats(port: int, regex: str | None = None) -> dict[str, int]:
@@ -693,21 +868,57 @@ def event_stats(stack: Stack, v: Variant) -> dict[str, int]:
     return {k: n for k, n in stats.items() if any(w in k for w in _EVENT_WORDS) and "_ms" not in k}
 
 
+# extproc metrics the bench reads: metric name -> (group, key). A key naming a label
+# ("label:result") sums by that label's value; a plain key sums the metric over all its labels.
+_SIDECAR_METRICS = {
+    "extproc_auth_cache_total": ("auth_cache", "label:result"),
+    "gateway_ratelimit_decisions_total": ("ratelimit", "label:result"),
+    # the response cache, summed over its rules (one variant loads at a time)
+    "gateway_cache_hits_total": ("response_cache", "hit"),
+    "gateway_cache_misses_total": ("response_cache", "miss"),
+    "gateway_cache_bypass_total": ("response_cache", "bypass"),
+    "gateway_cache_stores_total": ("response_cache", "stored"),
+    "gateway_cache_collapsed_total": ("response_cache", "collapsed"),
+    "gateway_cache_errors_total": ("response_cache", "errors"),
+}
+# the in-process tier's gauges and written bytes (label tier="memory")
+_CACHE_MEMORY_METRICS = {"gateway_cache_stored_bytes": "stored_bytes", "gateway_cache_entries": "entries",
+                         "gateway_cache_written_bytes_total": "written_bytes"}
+
+
+def _labels(text: str) -> dict[str, str]:
+    out = {}
+    for part in text.split('",'):
+        k, sep, val = part.partition('="')
+        if sep:
+            out[k.strip(", ")] = val.rstrip('"')
+    return out
+
+
 def sidecar_counters(port: int) -> dict[str, dict[str, float]]:
     """From extproc's admin API: its decision-cache lookups so far (`auth_cache`:
-    `extproc_auth_cache_total` by result) and its rate-limit decisions (`ratelimit`:
-    `gateway_ratelimit_decisions_total` summed over rules, by result: ok, local_fallback, ...)."""
+    `extproc_auth_cache_total` by result), its rate-limit decisions (`ratelimit`:
+    `gateway_ratelimit_decisions_total` summed over rules, by result: ok, local_fallback, ...), its
+    response cache's hits, misses, bypasses, stores, collapsed misses and errors (`response_cache`,
+    summed over rules and reasons) and its in-process tier (`cache_memory`: the stored-bytes and
+    entries gauges, the bytes written into it so far)."""
     status, body = http_get(f"http://127.0.0.1:{port}/metrics")
     if status != 200:
         raise BenchError(f"extproc admin /metrics answered {status}")
-    out: dict[str, dict[str, float]] = {"auth_cache": {}, "ratelimit": {}}
+    out: dict[str, dict[str, float]] = {"auth_cache": {}, "ratelimit": {}, "response_cache": {}, "cache_memory": {}}
     for line in body.decode(errors="replace").splitlines():
-        for prefix, key in (("extproc_auth_cache_total{", "auth_cache"),
-                            ("gateway_ratelimit_decisions_total{", "ratelimit")):
-            if line.startswith(prefix):
-                labels, _, value = line.rpartition(" ")
-                result = labels.split('result="', 1)[1].split('"', 1)[0] if 'result="' in labels else ""
-                out[key][result] = out[key].get(result, 0.0) + float(value)
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, labels = head.partition("{")
+        if name in _SIDECAR_METRICS:
+            group, key = _SIDECAR_METRICS[name]
+            if key.startswith("label:"):
+                key = _labels(labels.rstrip("}")).get(key[6:], "")
+            out[group][key] = out[group].get(key, 0.0) + float(value)
+        elif name in _CACHE_MEMORY_METRICS and _labels(labels.rstrip("}")).get("tier") == "memory":
+            key = _CACHE_MEMORY_METRICS[name]
+            out["cache_memory"][key] = out["cache_memory"].get(key, 0.0) + float(value)
     return out
 
 
@@ -727,10 +938,10 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
     redis_bin = shutil.which("redis-server")
     if need_redis and redis_bin is None:
         raise BenchError("redis-server not found on PATH: the Redis variant needs it (apt-get install redis-server)")
-    p = free_ports(4 + 2 * len(SIDECARS) + len(variants))
-    ports = Ports(envoy_admin=p[0], upstream=p[1], floor=p[2], redis=p[3],
-                  sidecars={name: (p[4 + 2 * i], p[5 + 2 * i]) for i, name in enumerate(SIDECARS)},
-                  listeners={v.name: p[4 + 2 * len(SIDECARS) + i] for i, v in enumerate(variants)})
+    p = free_ports(5 + 2 * len(SIDECARS) + len(variants))
+    ports = Ports(envoy_admin=p[0], upstream=p[1], floor=p[2], redis=p[3], hop=p[4],
+                  sidecars={name: (p[5 + 2 * i], p[6 + 2 * i]) for i, name in enumerate(SIDECARS)},
+                  listeners={v.name: p[5 + 2 * len(SIDECARS) + i] for i, v in enumerate(variants)})
     keys = generate_keys()
     jwks = {name: k.jwks() for name, k in keys.items()}
     tokens = {name: k.mint(token_ttl) for name, k in keys.items()}
@@ -739,6 +950,10 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
         path.write_text(json.dumps(jwks[name]))
     lua = tmp / "report.lua"
     lua.write_text(WRK_LUA)
+    unique_lua = None
+    if any(v.unique for v in variants):
+        unique_lua = tmp / "unique.lua"
+        unique_lua.write_text(WRK_UNIQUE_LUA)
     fresh_variants = [v for v in variants if v.fresh]
     fresh_lua = fresh_pool = None
     check_token = ""
@@ -817,27 +1032,80 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
     stack = Stack(tmp, ports, tokens, envoy, upstream, sidecars, floor, redis, lua, version, redis_version,
                   fresh_lua=fresh_lua, fresh_pool=fresh_pool, fresh_check_token=check_token,
                   fresh_pool_size=fresh_tokens if fresh_variants else 0,
-                  fresh={v.name: FreshSequence(fresh_tokens) for v in fresh_variants})
+                  fresh={v.name: FreshSequence(fresh_tokens) for v in fresh_variants}, unique_lua=unique_lua)
     return stack, started
+
+
+def verify_cache(stack: Stack, v: Variant) -> list[str]:
+    """A cache row is what it claims, seen from the client and from the upstream's request count:
+    a hit row's URL is answered `X-Cache-Status: HIT` without reaching the upstream; a new key (miss,
+    LRU) is a MISS that is stored (`Cache-Status: ...; stored`) and then a HIT; a bypass row's
+    request is a BYPASS every time, upstream each time; Envoy's cache answers its second request
+    with an `age` header, upstream not reached."""
+    problems = []
+    hdrs = stack.headers(v)
+
+    def get(url: str) -> tuple[int, dict[str, str], int]:
+        before = stack.upstream_requests()
+        status, headers, _ = http_request(url, hdrs)
+        return status, headers, stack.upstream_requests() - before
+
+    if v.cache == "hit":
+        http_request(stack.url(v), hdrs)        # stored now, if it was not yet
+        status, headers, upstream = get(stack.url(v))
+        if status != 200 or headers.get("x-cache-status") != "HIT" or upstream:
+            problems.append(f"{v.name}: a repeat GET {v.path} answered {status}, X-Cache-Status "
+                            f"{headers.get('x-cache-status')!r}, {upstream} upstream request(s); expected 200 HIT, 0")
+    elif v.cache in ("miss", "lru"):
+        url = stack.url(v, f"verify-{v.name}")
+        status, headers, upstream = get(url)
+        if status != 200 or headers.get("x-cache-status") != "MISS" or "stored" not in headers.get("cache-status", ""):
+            problems.append(f"{v.name}: a new key answered {status}, X-Cache-Status {headers.get('x-cache-status')!r}, "
+                            f"Cache-Status {headers.get('cache-status')!r}; expected 200 MISS, stored")
+        status, headers, upstream = get(url)
+        if headers.get("x-cache-status") != "HIT" or upstream:
+            problems.append(f"{v.name}: the same key again answered X-Cache-Status {headers.get('x-cache-status')!r} "
+                            f"with {upstream} upstream request(s): the miss was not stored (Envoy's ext_proc "
+                            "needs allow_mode_override for the body)")
+    elif v.cache == "bypass":
+        for _ in range(2):
+            status, headers, upstream = get(stack.url(v))
+            if status != 200 or headers.get("x-cache-status") != "BYPASS" or upstream != 1:
+                problems.append(f"{v.name}: answered {status}, X-Cache-Status {headers.get('x-cache-status')!r}, "
+                                f"{upstream} upstream request(s); expected 200 BYPASS, 1")
+                break
+    elif v.cache == "native":
+        http_request(stack.url(v), hdrs)
+        status, headers, upstream = get(stack.url(v))
+        if status != 200 or "age" not in headers or upstream:
+            problems.append(f"{v.name}: Envoy's cache filter did not serve a repeat GET {v.path}: {status}, "
+                            f"age {headers.get('age')!r}, {upstream} upstream request(s)")
+    return problems
 
 
 def verify(stack: Stack, variants: list[Variant]) -> None:
     """Each variant answers 200 with its token and goes through the filters it claims; a
     rate-limited variant answers with `x-ratelimit-limit` (its rules applied, charged in its store:
-    Redis holds their keys), every other extproc variant without it."""
+    Redis holds their keys), every other extproc variant without it; a cache row is a hit, a miss
+    that stores, a bypass, as it claims (verify_cache), and no other row carries X-Cache-Status."""
     before = envoy_stats(stack.ports.envoy_admin)
     limited = {v.name: stack.admin_port(v) for v in variants if v.rate_limited}
     rl_before = {name: sidecar_counters(port)["ratelimit"] for name, port in limited.items() if port}
     problems = []
     for v in variants:
-        status, headers, body = http_request(stack.url(v), {"Authorization": f"Bearer {stack.check_token(v)}"})
+        url = stack.url(v, f"check-{v.name}") if v.unique else stack.url(v)
+        status, headers, body = http_request(url, stack.headers(v, stack.check_token(v)))
         if status != 200:
-            problems.append(f"{v.name}: GET {TARGET_PATH} with the token answered {status}: {body[:200]!r}")
+            problems.append(f"{v.name}: GET {v.path}{' with the token' if v.token else ''} answered {status}: "
+                            f"{body[:200]!r}")
         if v.rate_limited and "x-ratelimit-limit" not in headers:
             problems.append(f"{v.name}: the 200 carries no x-ratelimit-limit header: the rate-limit rules did "
                             f"not apply (headers: {sorted(headers)})")
         elif v.sidecar in SIDECARS and not v.rate_limited and "x-ratelimit-limit" in headers:
             problems.append(f"{v.name}: x-ratelimit-limit on a variant without limits")
+        if v.cache is None and "x-cache-status" in headers:
+            problems.append(f"{v.name}: X-Cache-Status {headers['x-cache-status']!r} on a row without a cache")
+        problems += verify_cache(stack, v)
         if v.denies_without_token:
             status, body = http_get(stack.url(v))
             if status != 401:
@@ -897,6 +1165,7 @@ class WrkResult:
     p99_ms: float
     errors: dict[str, int]
     tokens_used: list[int] | None = None      # fresh variants: pool tokens taken, per wrk thread
+    keys_used: list[int] | None = None        # unique-key variants: keys built, per wrk thread
 
     @property
     def rps(self) -> float:
@@ -916,7 +1185,12 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         argv += ["-s", str(stack.fresh_lua), stack.url(v), "--", str(stack.fresh_pool), str(seq.offset),
                  str(threads)]
     else:
-        argv += ["-s", str(stack.lua), "-H", f"Authorization: Bearer {stack.tokens[v.key]}", stack.url(v)]
+        extra = [a for k, val in stack.headers(v).items() for a in ("-H", f"{k}: {val}")]
+        if v.unique:
+            assert stack.unique_lua is not None
+            argv += ["-s", str(stack.unique_lua), *extra, stack.url(v), "--", stack.next_prefix(v)]
+        else:
+            argv += ["-s", str(stack.lua), *extra, stack.url(v)]
     with open(log, "ab") as out:
         out.write(f"\n== {v.name} c={conns} {seconds}s\n".encode())
         out.flush()
@@ -932,7 +1206,7 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     if proc.returncode != 0:
         raise BenchError(f"wrk failed on {v.name} (exit {proc.returncode}); see {log}")
     result = None
-    used = None
+    used = keys = None
     for line in stdout.decode(errors="replace").splitlines():
         if line.startswith("BENCHJSON "):
             d = json.loads(line[len("BENCHJSON "):])
@@ -941,6 +1215,8 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
                                errors={k: int(d[k]) for k in ("connect", "read", "write", "status", "timeout")})
         elif line.startswith("BENCHTOKENS "):
             used = [int(n) for n in json.loads(line[len("BENCHTOKENS "):])["used"]]
+        elif line.startswith("BENCHKEYS "):
+            keys = [int(n) for n in json.loads(line[len("BENCHKEYS "):])["used"]]
     if result is None:
         raise BenchError(f"wrk printed no report for {v.name}; see {log}")
     if v.fresh:
@@ -950,7 +1226,49 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
             raise BenchError(f"{v.name}: wrk completed {result.requests} requests but took only {sum(used)} "
                              "tokens: the Lua request() hook did not rotate the token")
         result.tokens_used = used
+    if v.unique:
+        if keys is None or sum(keys) < result.requests:
+            raise BenchError(f"{v.name}: wrk completed {result.requests} requests but built "
+                             f"{sum(keys or [])} keys: the Lua request() hook did not make a new key per request")
+        result.keys_used = keys
     return result
+
+
+class CacheSampler:
+    """Samples a cache sidecar during a load, every LRU_SAMPLE_S: its in-process tier's stored
+    bytes and entries (the gauges on its admin /metrics) and its RSS. The scrapes cost the sidecar
+    a little CPU inside the measured window (the LRU row only)."""
+
+    def __init__(self, pid: int, admin_port: int):
+        self.pid, self.port = pid, admin_port
+        self.stored_max = self.entries_max = self.rss_max_mb = 0.0
+        self.samples = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cache-sampler", daemon=True)
+
+    def sample(self) -> None:
+        try:
+            mem = sidecar_counters(self.port)["cache_memory"]
+            rss, _ = memory_mb(self.pid)
+        except (OSError, BenchError, ValueError):
+            self.failed += 1
+            return
+        self.samples += 1
+        self.stored_max = max(self.stored_max, mem.get("stored_bytes", 0.0))
+        self.entries_max = max(self.entries_max, mem.get("entries", 0.0))
+        self.rss_max_mb = max(self.rss_max_mb, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LRU_SAMPLE_S):
+            self.sample()
+
+    def __enter__(self) -> CacheSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str]) -> dict:
@@ -964,15 +1282,20 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     # the sidecar's counters are read outside the CPU window (the scrape costs it CPU)
     admin = stack.admin_port(v)
     cached = admin is not None and "authz" in v.filters
-    sc0 = sidecar_counters(admin) if cached else {}
+    rcached = admin is not None and v.cache is not None         # the response cache's counters
+    sc0 = sidecar_counters(admin) if cached or rcached else {}
+    up0 = stack.upstream_requests() if v.cache else None
     jc_regex = rf"^http\.{v.name}\.jwt_authn\.jwt_cache_(hit|miss)$"
     jc0 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     ev0 = event_stats(stack, v)
+    sampler = CacheSampler(server.pid, admin) if v.cache == "lru" and server is not None and admin else None
     cpu0 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
-    res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk.log")
+    with sampler or contextlib.nullcontext():
+        res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk.log")
     cpu1 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
     ev1 = event_stats(stack, v)
-    sc1 = sidecar_counters(admin) if cached else {}
+    sc1 = sidecar_counters(admin) if cached or rcached else {}
+    up1 = stack.upstream_requests() if v.cache else None
     jc1 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     events = {k: n - ev0.get(k, 0) for k, n in sorted(ev1.items()) if n - ev0.get(k, 0)}
     per_req = {name: ((cpu1[name] - cpu0[name]) * 1e6 / res.requests if res.requests else None) for name in cpu0}
@@ -1005,7 +1328,25 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         # a retried Check repeats its token: extproc's cache may answer the retry
         "sidecar_retries": events.get(f"cluster.{v.sidecar}.upstream_rq_retry", 0) if v.sidecar else None,
         "tokens": stack.fresh[v.name].advance(res.tokens_used) if res.tokens_used is not None else None,
+        # the response-cache rows: what the cache counted over the load (summed over its rules), the
+        # requests the upstream served meanwhile (a hit row: none), the keys wrk's Lua built
+        "response_cache": (delta("response_cache", ("hit", "miss", "bypass", "stored", "collapsed", "errors"))
+                           if rcached else None),
+        "upstream_requests": None if up0 is None or up1 is None else up1 - up0,
+        "keys": sum(res.keys_used) if res.keys_used is not None else None,
+        "cache_memory": None,
     }
+    if rcached:
+        mem1, mem0 = sc1.get("cache_memory", {}), sc0.get("cache_memory", {})
+        stored = mem1.get("stored_bytes", 0.0)
+        row["cache_memory"] = {
+            "bound": CACHE_SIDECARS[v.sidecar or ""], "stored_bytes": int(stored),
+            "entries": int(mem1.get("entries", 0.0)),
+            "written_bytes": int(mem1.get("written_bytes", 0.0) - mem0.get("written_bytes", 0.0)),
+            # the highest stored-bytes gauge seen: during the load (LRU row, sampled) and after it
+            "stored_bytes_max": int(max(stored, sampler.stored_max if sampler else 0.0)),
+            "samples": sampler.samples if sampler else 0, "sample_failures": sampler.failed if sampler else 0,
+            "rss_max_mb": round(sampler.rss_max_mb, 1) if sampler and sampler.samples else None}
     if server is not None:
         rss, hwm = memory_mb(server.pid)
         row["rss_mb"], row["hwm_mb"] = round(rss, 1), round(hwm, 1)
@@ -1061,6 +1402,23 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
             s["tokens"] = ({"used": sum(t["used"] for t in toks), "distinct_per_load": [t["distinct"] for t in toks],
                             "reused": sum(t["reused"] for t in toks), "pool": toks[0]["pool"],
                             "cycled": any(t["cycled"] for t in toks)} if toks else None)
+            rcs = [r["response_cache"] for r in mine if r.get("response_cache") is not None]
+            s["response_cache"] = {k: sum(c[k] for c in rcs) for k in rcs[0]} if rcs else None
+            ups = [r["upstream_requests"] for r in mine if r.get("upstream_requests") is not None]
+            s["upstream_requests"] = sum(ups) if ups else None
+            mems = [r["cache_memory"] for r in mine if r.get("cache_memory") is not None]
+            s["cache_memory"] = ({"bound": mems[0]["bound"],
+                                  "stored_bytes_max": max(m["stored_bytes_max"] for m in mems),
+                                  "entries_max": max(m["entries"] for m in mems),
+                                  "written_bytes": sum(m["written_bytes"] for m in mems),
+                                  "samples": sum(m["samples"] for m in mems),
+                                  "sample_failures": sum(m["sample_failures"] for m in mems),
+                                  "rss_max_mb": max((m["rss_max_mb"] for m in mems if m["rss_max_mb"] is not None),
+                                                    default=None)}
+                                 if mems else None)
+            if s["cache_memory"] is not None:
+                s["cache_memory"]["within_bound"] = s["cache_memory"]["stored_bytes_max"] <= s["cache_memory"]["bound"]
+            s["hwm_mb_max"] = max((r["hwm_mb"] for r in mine if r["hwm_mb"] is not None), default=None)
             s["error_ratio"] = round(s["error_count"] / s["requests"], 5) if s["requests"] else 1.0
             s["flagged"] = s["error_ratio"] > ERROR_FLAG_RATIO
             med[(v.name, conns)] = s
@@ -1080,7 +1438,8 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
 
     for s in out:
         v = BY_NAME[s["variant"]]
-        s["pct_of_plain"] = pct(s, "plain")
+        s["plain_variant"] = v.plain
+        s["pct_of_plain"] = pct(s, v.plain)
         s["native_variant"] = v.native
         s["pct_of_native"] = pct(s, v.native)
         s["floor_variant"] = v.floor
@@ -1204,6 +1563,148 @@ def limiter_block(summary: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _grid(head: tuple[str, ...], lines: list[tuple[str, ...]], left: tuple[int, ...] = (0,)) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
+    return [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines]
+
+
+_CACHE_ROWS = ("hit", "miss", "bypass")
+
+
+def _total(s: dict) -> float | None:
+    a, b = s.get("cpu_us_per_request"), s.get("envoy_cpu_us_per_request")
+    return None if a is None or b is None else round(a + b, 1)
+
+
+def _lt(a: float | None, b: float | None) -> bool | None:
+    return None if a is None or b is None else a < b
+
+
+def cache_verdicts(summary: list[dict]) -> dict:
+    """The issue's claims, read from the medians: per concurrency and upstream delay, a hit is
+    cheaper than a miss on the same route (sidecar CPU per request; also with Envoy's added) and
+    faster than a 20 ms upstream (p50); how a hit compares with the floor and with Envoy's cache
+    filter; whether the LRU stayed within its bound. None where a row did not run."""
+    med = {(s["variant"], s["concurrency"]): s for s in summary}
+    out: dict[str, Any] = {"routes": [], "lru": []}
+    for conns, _ in CONCURRENCY:
+        for ms, suffix in ((0.0, ""), (UPSTREAM_20MS, "_20ms")):
+            rows = {k: med.get((f"extproc_cache_{k}{suffix}", conns)) for k in _CACHE_ROWS}
+            if not any(rows.values()):
+                continue
+            hit, miss = rows["hit"], rows["miss"]
+            slow = [r["p50_ms"] for r in (miss, rows["bypass"]) if r is not None]
+            entry = {"concurrency": conns, "upstream_ms": ms,
+                     **{k: None if r is None else {"p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "rps": r["rps"],
+                                                  "side_us": r["cpu_us_per_request"],
+                                                  "envoy_us": r["envoy_cpu_us_per_request"], "total_us": _total(r)}
+                        for k, r in rows.items()},
+                     "hit_cheaper_than_miss": _lt(hit and hit["cpu_us_per_request"], miss and miss["cpu_us_per_request"]),
+                     "hit_cheaper_than_miss_with_envoy": _lt(hit and _total(hit), miss and _total(miss)),
+                     "hit_p50_below_miss": _lt(hit and hit["p50_ms"], miss and miss["p50_ms"]),
+                     "hit_faster_than_upstream": (_lt(hit and hit["p50_ms"], ms) if ms else None),
+                     "hit_p50_below_upstream_rows": (None if hit is None or not slow
+                                                     else hit["p50_ms"] < min(slow))}
+            if hit is not None:
+                floor = med.get((hit["floor_variant"], conns)) if hit.get("floor_variant") else None
+                native = med.get(("native_cache", conns))
+                entry["vs_floor"] = None if floor is None else {
+                    "variant": floor["variant"], "cpu_of_floor": hit["cpu_of_floor"], "pct_rps": hit["pct_of_floor"],
+                    "p50_ms": floor["p50_ms"]}
+                entry["vs_native_cache"] = None if native is None else {
+                    "pct_rps": hit["pct_of_native"], "p50_ms": native["p50_ms"],
+                    "envoy_us": native["envoy_cpu_us_per_request"], "hit_total_us": _total(hit)}
+            out["routes"].append(entry)
+        lru = med.get(("extproc_cache_lru", conns))
+        if lru is not None and lru.get("cache_memory"):
+            mem = lru["cache_memory"]
+            out["lru"].append({"concurrency": conns, **mem, "rss_mb": lru["rss_mb"], "hwm_mb": lru["hwm_mb_max"],
+                               "requests": lru["requests"], "stored": (lru["response_cache"] or {}).get("stored")})
+    out["lru_within_bound"] = all(x["within_bound"] for x in out["lru"]) if out["lru"] else None
+    return out
+
+
+def _yes(b: bool | None) -> str:
+    return "—" if b is None else ("yes" if b else "NO")
+
+
+def cache_block(summary: list[dict], verdicts: dict) -> str:
+    """The response-cache rows side by side, then the readings the issue asks for. Empty when no
+    cache row ran."""
+    names = [v.name for v in VARIANTS if v.cache or v.name in ("floor_ext_proc_delay", "plain_delay")]
+    rows = [s for s in summary if s["variant"] in names]
+    if not rows:
+        return ""
+    head = ("variant", "c", "upstream", "RPS", "p50 ms", "p99 ms", "side µs/req", "envoy µs/req", "side+envoy",
+            "upstream req/req", "cache hit/miss/bypass/stored", "side RSS MB")
+    lines = []
+    for s in rows:
+        v = BY_NAME[s["variant"]]
+        rc = s.get("response_cache")
+        counts = "—" if rc is None else "/".join(f"{rc[k]:,}" for k in ("hit", "miss", "bypass", "stored"))
+        if rc and rc.get("errors"):
+            counts += f" !! {rc['errors']:,} errors"
+        up = s.get("upstream_requests")
+        lines.append((s["variant"] + (f" ({s['letter']})" if s["letter"] else ""), str(s["concurrency"]),
+                      f"{v.upstream_ms:.0f} ms" if v.path.startswith("/delay/") else "0 ms",
+                      _fmt(s["rps"], ",.0f"), _fmt(s["p50_ms"], ".2f"), _fmt(s["p99_ms"], ".2f"),
+                      _fmt(s["cpu_us_per_request"], ",.0f"), _fmt(s["envoy_cpu_us_per_request"], ",.0f"),
+                      _fmt(_total(s), ",.0f"),
+                      "—" if up is None or not s["requests"] else f"{up / s['requests']:.2f}",
+                      counts, _fmt(s["rss_mb"], ".1f")))
+    out = [f"response cache (medians over rounds; ext_proc alone, policy {CACHE_POLICY}, no token, rules "
+           f"{', '.join(r['name'] + ' ' + r['path_prefix'][0] for r in CACHE_RULES)} with ttl {CACHE_TTL}, "
+           "in-process tier only; counts summed over rounds):"]
+    out += _grid(head, lines, left=(0, 10))
+    out.append("")
+    for e in verdicts["routes"]:
+        parts = []
+        for k in _CACHE_ROWS:
+            r = e[k]
+            if r is not None:
+                parts.append(f"{k} {_fmt(r['side_us'], ',.0f')} µs/req side + {_fmt(r['envoy_us'], ',.0f')} Envoy, "
+                             f"p50 {_fmt(r['p50_ms'], '.2f')} ms")
+        text = f"c={e['concurrency']}, upstream {e['upstream_ms']:.0f} ms: " + "; ".join(parts)
+        text += (f"\n    hit cheaper than miss: {_yes(e['hit_cheaper_than_miss'])} (sidecar CPU), "
+                 f"{_yes(e['hit_cheaper_than_miss_with_envoy'])} (sidecar + Envoy CPU), "
+                 f"{_yes(e['hit_p50_below_miss'])} (p50)")
+        if e["upstream_ms"]:
+            text += f"; hit faster than the {e['upstream_ms']:.0f} ms upstream: {_yes(e['hit_faster_than_upstream'])}"
+            if e["concurrency"] > 1:
+                text += (f" (p50 at c={e['concurrency']} is about {e['concurrency']} / RPS: the sidecar's throughput "
+                         f"sets it; below the miss and bypass rows: {_yes(e['hit_p50_below_upstream_rows'])})")
+        f, n = e.get("vs_floor"), e.get("vs_native_cache")
+        if f:
+            text += (f"\n    hit against {f['variant']}: sidecar CPU {_fmt(f['cpu_of_floor'], '.2f', 'x')}, "
+                     f"RPS {_fmt(f['pct_rps'], '.0f', '%')}")
+        if n:
+            text += (f"; against Envoy's cache filter (native_cache): RPS {_fmt(n['pct_rps'], '.0f', '%')}, p50 "
+                     f"{_fmt(e['hit']['p50_ms'], '.2f')} vs {_fmt(n['p50_ms'], '.2f')} ms, CPU per request "
+                     f"{_fmt(n['hit_total_us'], ',.0f')} (sidecar + Envoy) vs {_fmt(n['envoy_us'], ',.0f')} (Envoy)")
+        out.append(text)
+    for x in verdicts["lru"]:
+        out.append(f"LRU c={x['concurrency']} (extproc_cache_lru, memory_max_bytes {x['bound']:,}, a new key per "
+                   f"request of {LRU_BODY_BYTES:,} B): stored bytes at most {x['stored_bytes_max']:,} "
+                   f"({x['samples']} samples during the loads + one after each), within the bound: "
+                   f"{_yes(x['within_bound'])}; up to {x['entries_max']:,} entries; {x['written_bytes'] / 1e6:,.1f} MB "
+                   f"written into it ({x['written_bytes'] / x['bound']:.0f}x the bound); sidecar RSS "
+                   f"{_fmt(x['rss_mb'], '.1f')} MB after, {_fmt(x['rss_max_mb'], '.1f')} MB sampled max, "
+                   f"peak {_fmt(x['hwm_mb'], '.1f')} MB")
+    if verdicts["lru_within_bound"] is False:
+        out.append("!! the LRU held more than cache.memory_max_bytes")
+    flagged = [f"{s['variant']} c={s['concurrency']}" for s in rows
+               if s.get("response_cache") and BY_NAME[s["variant"]].cache == "hit"
+               and s["response_cache"]["hit"] < 0.9 * s["requests"]]
+    if flagged:
+        out.append("!! hit rows with fewer than 90 % hits: " + ", ".join(flagged))
+    return "\n".join(out)
+
+
 def by_concurrency(summary: list[dict]) -> list[dict]:
     return sorted(summary, key=lambda s: s["concurrency"])   # stable: variant order kept within c
 
@@ -1310,6 +1811,15 @@ def main(argv: list[str] | None = None) -> int:
             "redis_version": stack.redis_version,
             "ratelimit_rules": RATELIMIT_RULES if any(v.rate_limited for v in variants) else None,
             "store_timeout_ms": args.store_timeout_ms if any(v.rate_limited for v in variants) else None,
+            "cache": ({"target": "GET /delay/0 or /delay/20 (the demo upstream sleeps that long; JSON without "
+                                 "Cache-Control), no Authorization; the miss rows add ?k=<new key> per request, the "
+                                 f"bypass rows Cache-Control: no-store; the LRU row GET /bytes/{LRU_BODY_BYTES}?k=<new "
+                                 "key>; native_cache's misses through a hop listener adding "
+                                 f"Cache-Control: {NATIVE_CACHE_CONTROL}",
+                       "policy": CACHE_POLICY, "rules": CACHE_RULES,
+                       "memory_max_bytes": {k: n for k, n in CACHE_SIDECARS.items()
+                                            if any(v.sidecar == k for v in variants)}}
+                      if any(v.cache for v in variants) else None),
             "python": platform.python_version(), "clk_tck": CLK_TCK,
         }
         print(f"extproc bench  {meta['date']}")
@@ -1320,6 +1830,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load: wrk HTTP/1.1, c=1 (1 thread) and c=32 (2 threads), {args.duration} s each after "
               f"{args.warmup} s warm-up, {args.rounds} round(s), order rotated per round")
         print(f"target: {meta['target']}")
+        if meta["cache"]:
+            print(f"cache rows: {meta['cache']['target']}")
         print(f"variants: {', '.join(v.name for v in variants)}")
         if stack.redis is not None:
             print(f"redis: redis-server {stack.redis_version} on 127.0.0.1:{stack.ports.redis} (PID {stack.redis.pid}), "
@@ -1338,7 +1850,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     flag = "  !! >1% errors" if row["error_ratio"] > ERROR_FLAG_RATIO else ""
                     errs = ", ".join(f"{k} {n}" for k, n in row["errors"].items() if n) or "none"
-                    print(f"  round {rnd + 1} c={conns:<2} {v.name:<17} {row['rps']:>9,.0f} rps  "
+                    print(f"  round {rnd + 1} c={conns:<2} {v.name:<25} {row['rps']:>9,.0f} rps  "
                           f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors: {errs}{flag}",
                           flush=True)
                     if row["error_count"] and row["envoy_events"]:
@@ -1360,6 +1872,10 @@ def main(argv: list[str] | None = None) -> int:
         block = limiter_block(summary)
         if block:
             print("\n" + block)
+        verdicts = cache_verdicts(summary)
+        block = cache_block(summary, verdicts)
+        if block:
+            print("\n" + block)
         notes = token_notes(summary)
         if notes:
             print("\ntokens and caches (summed over rounds):\n" + notes)
@@ -1369,19 +1885,27 @@ def main(argv: list[str] | None = None) -> int:
         print("\nside µs/req and RSS: CPU (utime+stime) of the gRPC server behind the variant (extproc or "
               "the floor) per completed request; cpu/floor divides it by the floor's of the same filter shape "
               "(floor_authz for every extproc_authz*), %floor compares RPS with that floor, %native with Envoy's "
-              "jwt_authn on the same tokens.")
+              "jwt_authn on the same tokens; the cache rows compare with floor_ext_proc_delay, Envoy's cache filter "
+              "(native_cache) and plain_delay, on the same route.")
         if args.json is not None:
             doc = {"meta": meta, "variants": {v.name: {"letter": v.letter or None, "title": v.title,
                                                         "filters": list(v.filters), "sidecar": v.sidecar,
                                                         "floor": v.floor, "native": v.native, "key": v.key,
                                                         "fresh": v.fresh, "policy": v.policy,
                                                         "baseline": v.baseline,
-                                                        "ratelimit_store": SIDECARS.get(v.sidecar or "")}
+                                                        "ratelimit_store": SIDECARS.get(v.sidecar or ""),
+                                                        "path": v.path, "token": v.token, "unique_keys": v.unique,
+                                                        "headers": dict(v.headers), "cache": v.cache,
+                                                        "plain": v.plain, "upstream_ms": v.upstream_ms}
                                               for v in variants},
-                   "summary": summary, "runs": rows}
+                   "summary": summary, "cache": verdicts if any(v.cache for v in variants) else None,
+                   "runs": rows}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n")
             print(f"JSON written to {args.json}")
+        if verdicts["lru_within_bound"] is False:
+            print("\nbench: the response cache's LRU held more than its memory_max_bytes (see above)", file=sys.stderr)
+            return 1
         return 0
     except BenchError as exc:
         failed = True

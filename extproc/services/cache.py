@@ -163,7 +163,7 @@ class MemoryTier:
     """LRU of decoded entries, bounded by the bytes their encodings take (plus a per-entry
     overhead), so the bound holds under any mix of sizes."""
 
-    OVERHEAD = 256
+    OVERHEAD = 2048     # the decoded message and its header objects (measured ~1.9 KB for a small entry)
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes

@@ -2,8 +2,11 @@
 
 A smoke test only: it checks the bench produces numbers, never what the numbers are, and that
 the fresh-token variant really sends a new token per request (extproc's decision cache misses)
-while the repeat-token variant is served from that cache, and that the Redis rate-limit variant
-charges both its rules in Redis on every request (never the local fallback) and measures Redis' CPU.
+while the repeat-token variant is served from that cache, that the Redis rate-limit variant
+charges both its rules in Redis on every request (never the local fallback) and measures Redis' CPU,
+and that the response-cache rows are what they claim: the hit row never reaches the upstream, the
+miss row stores a new key on every request, the bypass row never stores, Envoy's cache filter
+answers its row, and the LRU row evicts within its byte bound.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.fail("wrk is not installed: run ./scripts/setup --system (it installs wrk)")
     out = tmp_path / "bench.json"
-    variants = {"plain", "extproc_authz", "extproc_authz_fresh", "extproc_ratelimit_redis"}
+    variants = {"plain", "extproc_authz", "extproc_authz_fresh", "extproc_ratelimit_redis",
+                "extproc_cache_hit", "extproc_cache_miss", "extproc_cache_bypass", "extproc_cache_lru", "native_cache"}
     argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--variants", ",".join(sorted(variants)),
             "--duration", "1", "--fresh-tokens", "5000", "--json", str(out),
             # the smoke test proves the wiring (Redis decides every request), not the timing: on two shared
@@ -56,7 +60,8 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
         if variant.startswith("extproc_"):
             assert s["cpu_us_per_request"] is not None and s["cpu_us_per_request"] > 0, (
                 f"{variant} c={conns}: sidecar CPU not measured\n{text}")
-            assert s["auth_cache"] is not None, f"{variant} c={conns}: decision cache not read\n{text}"
+            if "authz" in doc["variants"][variant]["filters"]:
+                assert s["auth_cache"] is not None, f"{variant} c={conns}: decision cache not read\n{text}"
         else:
             assert s["cpu_us_per_request"] is None
     for conns in (1, 32):
@@ -83,4 +88,33 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
         assert limited["vs_baseline"]["variant"] == "extproc_authz"
         assert rows[("extproc_authz", conns)]["ratelimit"] is None
     assert redis_cpu > 0, f"Redis used no CPU: the limiter did not reach it\n{text}"
+
+    written = 0
+    for conns in (1, 32):
+        hit, miss, bypass, lru = (rows[(f"extproc_cache_{k}", conns)] for k in ("hit", "miss", "bypass", "lru"))
+        native = rows[("native_cache", conns)]
+        rc = hit["response_cache"]
+        # every request answered from the LRU; a hit never reaches the upstream
+        assert rc["hit"] >= 0.9 * hit["requests"] and not rc["miss"], f"c={conns}: hit row not hits: {rc}\n{text}"
+        assert hit["upstream_requests"] <= 0.01 * hit["requests"], f"c={conns}: hits reached the upstream\n{text}"
+        # a new key per request: each one a miss that goes upstream and is stored (Envoy lets the body through)
+        rc = miss["response_cache"]
+        assert rc["miss"] >= 0.9 * miss["requests"] and rc["stored"] >= 0.9 * miss["requests"] and not rc["hit"], (
+            f"c={conns}: miss row did not miss and store a new key per request: {rc}\n{text}")
+        assert miss["upstream_requests"] >= miss["requests"], text
+        rc = bypass["response_cache"]
+        assert rc["bypass"] >= 0.9 * bypass["requests"] and not rc["stored"] and not rc["hit"], (
+            f"c={conns}: bypass row: {rc}\n{text}")
+        assert bypass["upstream_requests"] >= bypass["requests"], text
+        assert native["upstream_requests"] <= 0.01 * native["requests"], f"c={conns}: Envoy's cache missed\n{text}"
+        assert native["response_cache"] is None and native["cpu_us_per_request"] is None
+        mem = lru["cache_memory"]
+        assert mem is not None and 0 < mem["stored_bytes_max"] <= mem["bound"], f"c={conns}: LRU {mem}\n{text}"
+        written += mem["written_bytes"]
+    # the LRU rows wrote more than the bound into it: it had to evict, and held its bound meanwhile
+    assert written > doc["cache"]["lru"][0]["bound"], f"the LRU load never reached the bound\n{text}"
+    assert doc["cache"]["lru_within_bound"] is True
+    for entry in doc["cache"]["routes"]:
+        # read, not asserted: the verdicts exist for every concurrency of the 0 ms route
+        assert entry["upstream_ms"] == 0 and entry["hit_cheaper_than_miss"] is not None, text
     assert doc["meta"]["envoy_version"] and doc["meta"]["pinning"] and doc["meta"]["redis_version"]
