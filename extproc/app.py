@@ -248,6 +248,9 @@ class Worker:
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationService(self.runtime_ref, breakers=self.breakers), server)
+        from .telemetry import tracing
+
+        tracing.setup(self.cfg.telemetry.tracing)       # per process: each worker exports its own spans
         await self.cache.start()
         await self.breakers.start()
         self.processor = ExternalProcessorService(self.runtime_ref, concurrency=self.concurrency, cache=self.cache,
@@ -319,6 +322,9 @@ class Worker:
             await self.revocations.close()
         await self.cache.close()
         await self.breakers.close()
+        from .telemetry import tracing
+
+        await asyncio.to_thread(tracing.shutdown)       # flush the batched spans (bounded by the exporter)
         try:
             await self.store.close()
         except StoreError:
@@ -437,6 +443,9 @@ async def run_worker(config_path: str | None, cfg: cfgmod.Config, *, listen: str
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop()))
     loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(worker.stop()))
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(worker.reload("SIGHUP")))
+    from .admin.logs import take_from_supervisor
+
+    loop.add_signal_handler(signal.SIGUSR1, take_from_supervisor)    # a log level from the supervisor
     try:
         await worker.start()
         # everything built at start-up (config, compiled policies, modules, protobuf descriptors)

@@ -655,6 +655,21 @@ class CircuitBreakers(_Closed):
     store_timeout_ms: Annotated[int, Field(ge=1, le=1000)] = 50   # past it, this replica breaks on its own state
 
 
+class Tracing(_Closed):
+    """OpenTelemetry spans per decision, continuing Envoy's trace (see telemetry/tracing.py)."""
+    enabled: bool = False
+    otlp_endpoint: str = "127.0.0.1:4317"      # OTLP/gRPC collector (host:port)
+    insecure: bool = True                      # plaintext to the collector (loopback / in-pod)
+    sampling_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0   # for calls without Envoy's trace context
+    service_name: str = "extproc"
+    export_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+
+
+class Telemetry(_Closed):
+    tracing: Tracing = Field(default_factory=Tracing)
+    decision_logs: bool = False                # one JSON line per decision (request id, trace id, reason)
+
+
 class Config(_Closed):
     server: Server = Field(default_factory=Server)
     admin: Admin = Field(default_factory=Admin)
@@ -667,6 +682,7 @@ class Config(_Closed):
     concurrency: Concurrency = Field(default_factory=Concurrency)
     cache: Cache = Field(default_factory=Cache)
     circuit_breakers: CircuitBreakers = Field(default_factory=CircuitBreakers)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     default_policy: str | None = None
     unknown_policy: Literal["deny", "allow"] = "deny"
 

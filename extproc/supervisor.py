@@ -62,6 +62,12 @@ class Supervisor:
             if proc.returncode is None:
                 proc.send_signal(sig)
 
+    def log_level_changed(self, level: str, logger: str) -> None:
+        """The admin API changed the log level here: every worker takes it too."""
+        from .admin.logs import hand_to_workers
+
+        hand_to_workers(level, logger, self.signal_all)
+
     async def reload(self, reason: str) -> tuple[bool, str]:
         try:
             new = cfgmod.load(self.config_path) if self.config_path else self.cfg

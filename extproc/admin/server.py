@@ -8,6 +8,8 @@ GET  /readyz    readiness: config loaded and not draining (503 otherwise); the s
 GET  /config    the config in force, secrets redacted
 POST /reload    reload extproc.yaml now (bearer token required)
 GET|POST /apikeys, DELETE /apikeys/{id}   store-managed API keys (bearer token required)
+GET  /ratelimits, GET /ratelimits/usage?rule=&value=   the rate-limit rules; one partition's usage,
+                charged nothing (bearer token required for usage); see admin/ratelimits.py
 POST /ratelimits/reset   {"rule", "values"}: one partition of a rule starts afresh (bearer token required)
 POST /cache/purge   {"path"|"prefix"|"tag"|"key": VALUE}: void matching cache entries on every replica
                 (bearer token required)
@@ -15,6 +17,7 @@ GET  /breakers      every circuit breaker: state, consecutive failures, forced, 
 POST /breakers/{upstream}/open|close|reset   force open, force closed, or back to automatic and
                 closed; reaches every replica (bearer token required)
 GET  /cache/stats   hits, misses, hit ratio, entries and bytes, per rule and in all (from the counters)
+GET|POST /logging   the log level per logger; POST changes it at runtime (bearer token required)
 POST /revoke    revoke a token (jti or digest) or every token of a subject (bearer token required)
 
 Mutating endpoints need `Authorization: Bearer <token>` with the token from admin.token_file
@@ -76,9 +79,14 @@ class AdminServer:
 
             add_apikey_routes(app, self.apikeys, self._authorized, audit)
         if self.ratelimiter is not None:
-            app.router.add_post("/ratelimits/reset", self.ratelimit_reset)
+            from .ratelimits import add_routes as add_ratelimit_routes
+
+            add_ratelimit_routes(app, self.ratelimiter, self._authorized, audit)
         if self.cache is not None:
             app.router.add_post("/cache/purge", self.cache_purge)
+        from .logs import add_routes as add_logging_routes
+
+        add_logging_routes(app, self._authorized, audit, getattr(self.target, "log_level_changed", None))
         app.router.add_get("/cache/stats", self.cache_stats)
         if self.breakers is not None:
             app.router.add_get("/breakers", self.breaker_list)
@@ -134,28 +142,6 @@ class AdminServer:
 
     async def config(self, request: web.Request) -> web.Response:
         return web.json_response(cfgmod.redacted(self.target.cfg))
-
-    async def ratelimit_reset(self, request: web.Request) -> web.Response:
-        """POST {"rule": NAME, "values": [count-by values in order]}: that partition starts afresh."""
-        denied = self._authorized(request)
-        if denied is not None:
-            return denied
-        try:
-            body = await request.json()
-            rule, values = body["rule"], body["values"]
-            if not isinstance(rule, str) or not isinstance(values, list) or not values \
-                    or not all(isinstance(v, str) and v for v in values):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": "expected {\"rule\": NAME, \"values\": [VALUE, ...]}"}, status=400)
-        try:
-            deleted = await self.ratelimiter().reset(rule, values)
-        except KeyError:
-            return web.json_response({"error": f"no rate-limit rule {rule!r}"}, status=404)
-        except StoreError as exc:
-            return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
-        audit.info("rate limit reset", extra={"action": "ratelimit.reset", "rule": rule})
-        return web.json_response({"rule": rule, "deleted": deleted})
 
     async def cache_purge(self, request: web.Request) -> web.Response:
         denied = self._authorized(request)

@@ -61,7 +61,8 @@ A request under several rules is admitted iff every rule admits it, and a reject
 charged to NO rule (`check_and_charge` checks all, then charges all). The `Verdict` picks the
 tightest rule for the answer headers (`X-RateLimit-*`, `RateLimit-Policy`, `RateLimit`, and
 `Retry-After` on rejection). `DenyCache` remembers rejections locally until they can pass, so
-a flood from one client costs no store calls.
+a flood from one client costs no store calls. `peek` runs the same checks and reports and
+charges nothing: what a partition has used and has left (the admin's usage view).
 """
 
 from __future__ import annotations
@@ -469,6 +470,17 @@ def check_and_charge(rules: Sequence[tuple[Limit, Mapping[str, int] | None, int]
         window = 0 if limit.algorithm is Algorithm.TOKEN_BUCKET else view.wid
         charges.append(Charge(view.report(ok, cost), window, state, ttl))
     return admitted, charges
+
+
+def peek(rules: Sequence[tuple[Limit, Mapping[str, int] | None, int]], now_ms: int) -> list[Outcome]:
+    """What `check_and_charge` would answer at `now_ms`, charging nothing: the script's "peek"
+    mode (the admin's usage view). One Outcome per rule, the rule's own: `allowed` says this
+    rule alone would admit a request of that cost, `remaining` is what is left now, before any
+    request. So at the same instant, on the same state, a charge that rejects answers exactly
+    this Outcome, and one that admits answers `remaining - cost` (and its own reset).
+    """
+    views = [_ALGORITHMS[limit.algorithm](limit, state, now_ms) for limit, state, _ in rules]
+    return [view.report(view.fits(cost), cost) for view, (_, _, cost) in zip(views, rules, strict=True)]
 
 
 def refund(limit: Limit, state: Mapping[str, int] | None, now_ms: int, cost: int,

@@ -25,7 +25,7 @@ from ..core.authorize import ANONYMOUS
 from ..core.decision import Decision, deny
 from ..core.reasons import Reason
 from ..core.request import Request
-from ..telemetry import metrics
+from ..telemetry import metrics, tracing
 from .ratelimit import add_answer_headers
 
 log = logging.getLogger("extproc.authz")
@@ -125,6 +125,19 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
                     policy=policy, rule=f"breaker:{spec.name}", headers=marks)
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
+        if not tracing.ACTIVE:
+            return await self._check(request, context, None)
+        span = tracing.start("extproc.ext_authz", context)
+        try:
+            return await self._check(request, context, span)
+        except BaseException as exc:
+            span.set_attribute("extproc.result", "error")
+            span.record_exception(exc)
+            raise
+        finally:
+            span.end()
+
+    async def _check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, span) -> pb.CheckResponse:
         start = time.perf_counter()
         rt = self._runtime()
         try:
@@ -163,8 +176,17 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         label = rt.policy_label(req.policy)
         metrics.child(metrics.DECISIONS, "authz", label, result, decision.reason.value).inc()
         metrics.child(metrics.AUTH_DECISIONS, label, result).inc()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("decision", extra={"request_id": req.request_id, "policy": decision.policy,
-                                         "result": result, "reason": decision.reason.value})
+        if span is not None:
+            span.set_attributes({"extproc.policy": decision.policy or label, "extproc.result": result,
+                                 "extproc.reason": decision.reason.value, "extproc.rule": decision.rule or "",
+                                 "extproc.status": decision.status if not decision.allowed else 200})
+        if rt.config.telemetry.decision_logs or log.isEnabledFor(logging.DEBUG):
+            principal = decision.principal
+            log.info("decision", extra={
+                "request_id": req.request_id, "trace_id": tracing.trace_id_of_call(context),
+                "policy": decision.policy or label, "result": result, "reason": decision.reason.value,
+                "rule": decision.rule or None, "status": None if decision.allowed else decision.status,
+                "sub": principal.subject if principal is not None and principal.subject else None,
+                "method": req.method, "path": req.path, "duration_us": round(elapsed * 1e6)})
         timing = f"authz;dur={elapsed * 1000:.3f}" if decision.allowed else None
         return to_check_response(decision, timing)

@@ -38,7 +38,7 @@ from envoy.type.v3 import http_status_pb2
 from ..core import httpcache
 from ..core.concurrency import ConcurrencyLimiter, Grant, Permit, Rejection, Ticket
 from ..core.exchange import Action, Exchange, server_timing
-from ..telemetry import metrics
+from ..telemetry import metrics, tracing
 from .breaker import Admission, Breakers
 from .cache import Hit, Lookup, ResponseCache, collect_headers, identity_of, raw_headers
 
@@ -243,12 +243,18 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
         ex = Exchange()
         permit: Permit | None = None
         cache, breakers, flow = self._features(rt, policy)
+        span = tracing.start("extproc.ext_proc", context) if tracing.ACTIVE else None
+        reporting = span is not None or rt.config.telemetry.decision_logs
+        request_id = ""
         end = "error"        # until the stream ends normally or by Envoy's reset
         try:
             async for msg in request_iterator:
                 start = time.perf_counter()
                 kind = msg.WhichOneof("request")
                 rejected: Rejection | None = None
+                if reporting and kind == "request_headers":
+                    request_id = next((h.raw_value.decode(errors="replace") or h.value
+                                       for h in msg.request_headers.headers.headers if h.key == "x-request-id"), "")
                 if not named and kind == "request_headers":
                     # no x-extproc-policy (Istio, Envoy Gateway: no per-route ext_proc metadata):
                     # the policy ext_authz decided with, from its forwarded dynamic metadata
@@ -303,6 +309,27 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                 self._release(permit)
             self._timing.observe(ex.decision_seconds)
             metrics.child(metrics.STREAMS, policy, end).inc()
+            if reporting:
+                self._report(span, rt, policy, end, flow, ex, request_id)
+
+    def _report(self, span, rt, policy: str, end: str, flow: Flow | None, ex: Exchange, request_id: str) -> None:
+        """The stream's span attributes and decision log line (only when tracing or decision logs are on)."""
+        attrs = {"extproc.policy": policy, "extproc.end": end,
+                 "extproc.decision_us": round(ex.decision_seconds * 1e6)}
+        if flow is not None and flow.look is not None and flow.look.status:
+            attrs["extproc.cache"] = flow.look.status
+            attrs["extproc.cache_rule"] = flow.look.rule.name
+        if flow is not None and (flow.admission or flow.breaker):
+            adm = flow.admission
+            attrs["extproc.breaker"] = (adm.spec.name if adm is not None else flow.breaker)
+            attrs["extproc.breaker_state"] = ("open" if flow.breaker else
+                                              "half_open_probe" if adm.probe else "closed")
+        if span is not None:
+            span.set_attributes(attrs)
+            span.end()
+        if rt.config.telemetry.decision_logs:
+            log.info("stream", extra={"request_id": request_id,
+                                      **{k.removeprefix("extproc."): v for k, v in attrs.items()}})
 
     # -- the cache and the circuit breaker --------------------------------------------------------
     def _features(self, rt, policy: str) -> tuple[ResponseCache | None, Breakers | None, Flow | None]:
@@ -372,6 +399,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             if spec is not None:
                 adm = await breakers.admit(spec)
                 if adm.rejected:
+                    flow.breaker = spec.name
                     ex.answer()
                     ex.decision_seconds += time.perf_counter() - start
                     if spec.stale_from_cache and look is not None and look.entry is not None \
@@ -416,6 +444,7 @@ class Flow:
     admission: Admission | None = None
     recorded: bool = False
     started: float = 0.0
+    breaker: str = ""               # the breaker that answered (open)
 
 
 def cluster_of(msg) -> str:

@@ -16,6 +16,10 @@ rules keep limiting per replica on an in-memory store (`local_fallback`), fail-c
 answer 503 with Retry-After (the client did nothing wrong); the transition is logged once.
 A count-by value that is absent (no user on an anonymous request) skips the rule, or counts by
 the client IP when the rule says `missing: ip` — never one shared bucket by accident.
+
+The admin reads a partition's counter with `usage` (the store's read-only `rate_usage`, the
+script's "peek" mode: nothing charged, no TTL touched) and forgets it with `reset`; both build
+the key exactly as a request's check does.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .. import config as cfgmod
@@ -103,6 +108,53 @@ def _tag(value: str) -> str:
     if len(value) <= 64 and "}" not in value and "{" not in value and ":" not in value:
         return value
     return "h" + hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def _state_key(rule: CompiledRule, values: Sequence[str], limit: Limit) -> str:
+    """The store key of one partition of `rule`, built as `checks_for` builds it inline (the
+    hot path keeps its own copy; tests/service/test_ratelimit_usage.py holds the two equal)."""
+    tag = _tag(values[0] if rule.count_by[0] != "global" else f"global.{rule.name}")
+    extra = [_tag(v) for v in values[1:]]
+    return keyspace.key("rl", tag, rule.name, *extra, limit.state_suffix)
+
+
+def partition(rule: CompiledRule, values: Sequence[str]) -> tuple[str, ...]:
+    """An operator's count-by values for `rule`, one per `count_by` entry in order; `global`
+    entries may be left out (they are `*`). ValueError says what the rule counts by."""
+    values = tuple(values)
+    if any(not isinstance(v, str) or not v for v in values):
+        raise ValueError("count-by values are non-empty strings")
+    n, globals_ = len(rule.count_by), rule.count_by.count("global")
+    if len(values) == n - globals_ and globals_:
+        given = iter(values)
+        return tuple("*" if kind == "global" else next(given) for kind in rule.count_by)
+    if len(values) != n:
+        raise ValueError(f"rule {rule.name!r} counts by [{', '.join(rule.count_by)}]: give {n} value(s), "
+                         f"one per entry in that order (got {len(values)})")
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One partition of one rule as the store holds it now, charged nothing (`RateLimiter.usage`).
+
+    `outcome` is `extproc.core.ratelimit.peek`'s: `remaining` left before any request,
+    `allowed` whether a request of `cost` would pass this rule now. `used` is what the
+    algorithm counts against the limit: a fixed window's count, a sliding window's weighted
+    estimate rounded up, a bucket's missing tokens rounded up (`limit - remaining`).
+    """
+
+    rule: CompiledRule
+    values: tuple[str, ...]
+    tier: str | None
+    limit: Limit
+    cost: int
+    key: str
+    outcome: Outcome
+
+    @property
+    def used(self) -> int:
+        return max(0, self.outcome.limit - self.outcome.remaining)
 
 
 class RateLimiter:
@@ -266,15 +318,43 @@ class RateLimiter:
         return deny(429, Reason.RATE_LIMITED, f"rate limit {rule} exceeded", policy=policy.name, rule=rule,
                     headers=tuple(verdict.headers()))
 
+    def rule(self, name: str) -> CompiledRule:
+        """The rule called `name`; KeyError when there is none."""
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+    async def usage(self, rule_name: str, values: Sequence[str], *, tier: str | None = None,
+                    cost: int | None = None, now_ms: int | None = None) -> Usage:
+        """How much of `rule_name` the partition `values` has used and has left, charging nothing
+        (admin API). The key is the one a request with these count-by values is charged on.
+
+        `tier` picks the limit a request of that API-key tier (or `tier` claim) is held to; without
+        it, the rule's own limit (tiers share the partition's counter, only the limit differs).
+        `cost` defaults to the rule's. KeyError: no such rule; ValueError: wrong values, an unknown
+        tier or a bad cost; StoreError: the store did not answer. `now_ms` is for tests and tools.
+        """
+        rule = self.rule(rule_name)
+        parts = partition(rule, values)
+        if tier is None:
+            limit = rule.limit
+        elif tier in rule.tier_limits:
+            limit = rule.tier_limits[tier]
+        else:
+            known = ", ".join(sorted(rule.tier_limits)) or "none"
+            raise ValueError(f"rule {rule.name!r} has no tier {tier!r} (its tiers: {known})")
+        check = RateCheck(_state_key(rule, parts, limit), limit, cost)
+        [outcome] = await self.store.rate_usage([check], now_ms)
+        return Usage(rule, parts, tier, limit, check.units, check.key, outcome)
+
     async def reset(self, rule_name: str, values: list[str]) -> int:
-        """Forget one partition's counters of a rule (admin API). Returns keys deleted."""
-        rule = next((r for r in self.rules if r.name == rule_name), None)
-        if rule is None:
-            raise KeyError(rule_name)
+        """Forget one partition's counters of a rule (admin API). Returns keys deleted.
+        KeyError: no such rule; ValueError: values that do not fit its count_by."""
+        rule = self.rule(rule_name)
+        parts = partition(rule, values)
         limits = [rule.limit, *rule.tier_limits.values()]
-        tag = _tag(values[0]) if rule.count_by[0] != "global" else _tag(f"global.{rule.name}")
-        extra = [_tag(v) for v in values[1:]]
-        keys = [keyspace.key("rl", tag, rule.name, *extra, lim.state_suffix) for lim in limits]
+        keys = list(dict.fromkeys(_state_key(rule, parts, lim) for lim in limits))
         for k in keys:
             self.deny_cache.forget(k)
         n = await self.store.delete(*keys)

@@ -2,7 +2,7 @@
 
 Decides the shape of shared state as the rest of the sidecar sees it: a handful of
 operations (bytes get/set/delete, counters, an atomic fixed-window hit, a request's rate
-limits checked and charged together, a scored set, and pub/sub), all async, and one error type. Drivers' exceptions never cross this boundary: each backend turns them into
+limits checked and charged together or only read, a scored set, and pub/sub), all async, and one error type. Drivers' exceptions never cross this boundary: each backend turns them into
 `StoreError`, whose `transient` flag says whether retrying later can help (connection lost,
 timeout, cluster failover) or not (a wrong-type value, bad credentials), and whose `timeout`
 flag lets callers report `store_timeout` apart from `store_error`. What a store failure
@@ -168,6 +168,20 @@ class Store(Protocol):
         `now_ms` (Unix ms) overrides it, for tests and tools only. Duplicate keys, costs < 1
         raise ValueError before any I/O. Redis scripts are sent by SHA; calls that concurrent
         requests make in one event-loop tick share one pipeline.
+        """
+        ...
+
+    async def rate_usage(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[Outcome]:
+        """What `rate_limit(checks, now_ms)` would answer for each check, charging nothing: no
+        state is created or changed and no TTL is touched. Read-only, for the admin's usage view.
+
+        One Outcome per check, in order, each the rule's own (`extproc.core.ratelimit.peek`):
+        `allowed` says this rule alone would admit a request of the check's cost, `remaining`
+        is what is left now (before any request), `reset_after_ms` is when the whole limit is
+        back. Missing or expired state reads as the full quota. Each Cluster slot's checks are
+        read in one script (the same one `rate_limit` runs, in its "peek" mode); the slots are
+        read concurrently, so different slots may be read at instants a few ms apart. Time and
+        argument checks are as for `rate_limit`.
         """
         ...
 

@@ -13,7 +13,8 @@ Decides how the default (no Redis configured) backend behaves:
 * Rate limits run `extproc.core.ratelimit`, the reference the Lua script is tested against,
   on the rate state held in the entry (a key holds bytes/a counter, a scored set, or a rule's
   rate state; using it as another type is WRONGTYPE). One call is one step of the loop, so all
-  of a request's rules are checked and charged atomically. Windows follow the injected
+  of a request's rules are checked and charged atomically. `rate_usage` runs the same reads
+  and reports through `ratelimit.peek` and writes nothing. Windows follow the injected
   `wall_clock` (Unix seconds: calendar months need the civil time, which the monotonic
   `clock` is not); a state's expiry follows `clock` like every other key.
 * Exact time: expiry is computed from the injected `clock` (seconds, monotonic) in whole
@@ -243,6 +244,23 @@ class MemoryStore:
                 assert charge.state is not None
                 self._insert(check.key, _Entry(_RateState(charge.state), now + charge.ttl_ms * 1000), now)
         return [RateResult(charge.outcome, admitted) for charge in charges]
+
+    async def rate_usage(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[ratelimit.Outcome]:
+        # lua/ratelimit.lua's "peek" mode: rate_limit's reads and reports, no write and no TTL
+        # touched (a read counts as use for the LRU order, as Redis's reads do)
+        check_rate_checks(checks, now_ms)
+        if not checks:
+            return []
+        if now_ms is None:
+            now_ms = round(self._wall_clock() * 1000)
+        now = self._now_us()
+        rules = []
+        for check in checks:
+            entry = self._lookup(check.key, now)
+            if entry is not None and not isinstance(entry.value, _RateState):
+                raise StoreError(f"memory rate_usage: {_WRONGTYPE}", transient=False)
+            rules.append((check.limit, None if entry is None else entry.value, check.units))
+        return ratelimit.peek(rules, now_ms)
 
     async def breaker(self, key: str, op: str, params: breaker.Params, now_ms: int, ttl_ms: int) -> breaker.Result:
         # lua/breaker.lua runs the same transitions in Redis

@@ -20,7 +20,7 @@ Decides how the sidecar talks to Redis:
   a request's rules span (one call for all of them on standalone Redis). The script's SHA is
   computed once; after NOSCRIPT (a restart or failover emptied the script cache) it is loaded
   and the refused calls are sent again (a refused call ran nothing, so this cannot double
-  charge).
+  charge). `rate_usage` runs the same script in its "peek" mode, which writes nothing.
 * Auto-batching: the client CPU of one EVALSHA is most of a rate-limited request's cost
   (redis-py spends ~120-160 us per call at 32 concurrent callers, about half of that when the
   calls are pipelined; see ../shared/ENVOY-NOTES.md and scripts/bench_store.py). So a
@@ -418,6 +418,31 @@ class RedisStore:
             admitted, outcomes, _ = _outcomes(checks, reply)
             return [RateResult(o, admitted) for o in outcomes]
         return await self._rate_limit_across_slots(checks, groups, now)
+
+    async def rate_usage(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[ratelimit.Outcome]:
+        # the same script in "peek" mode, one call per slot (queued and pipelined like any
+        # rate-limit call); nothing to refund, since nothing is charged
+        check_rate_checks(checks, now_ms)
+        if not checks:
+            return []
+        now = "" if now_ms is None else str(now_ms)
+        if self._undiscovered():
+            try:
+                await self._discover()
+            except _DRIVER_ERRORS as exc:
+                raise self._error("rate_usage", exc) from exc
+        groups = self._slot_groups(checks)
+        parts = [[checks[i] for i in group] for group in groups]
+        replies = await asyncio.gather(*(self._ratelimit_call(part, _rate_args("peek", now, part)) for part in parts),
+                                       return_exceptions=True)
+        results: list[ratelimit.Outcome | None] = [None] * len(checks)
+        for group, part, reply in zip(groups, parts, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            _, outcomes, _ = _outcomes(part, reply)
+            for i, outcome in zip(group, outcomes, strict=True):
+                results[i] = outcome
+        return results  # type: ignore[return-value]
 
     async def _rate_limit_across_slots(self, checks: Sequence[RateCheck], groups: list[list[int]],
                                        now: str) -> list[RateResult]:

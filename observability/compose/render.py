@@ -63,6 +63,10 @@ def envoy_config() -> dict[str, Any]:
         ports = {_socket(e["endpoint"])["port_value"] for e in group["lb_endpoints"]}
         if ports <= sidecar_ports:
             continue                              # the sidecars: loopback in Envoy's namespace, unchanged
+        if cluster["name"] == "otel_collector":
+            cluster["type"] = "STRICT_DNS"        # the trace collector: Jaeger's OTLP/gRPC port
+            _socket(group["lb_endpoints"][0]["endpoint"]).update(address="jaeger", port_value=4317)
+            continue
         if ports != {UPSTREAM_PORT} or cluster.get("type") != "STATIC" or len(group["lb_endpoints"]) != 1:
             raise ValueError(f"{SHIPPED_ENVOY}: cluster {cluster['name']!r} is neither the sidecar nor one "
                              f"STATIC endpoint on the demo upstream's port {UPSTREAM_PORT}: teach render.py about it")
@@ -95,6 +99,9 @@ def sidecar_config(name: str) -> dict[str, Any]:
     intro["endpoint"] = intro["endpoint"].replace(local, remote)
     intro.pop("client_secret_env", None)
     intro["client_secret_file"] = f"{STATE_DIR}/introspection-secret"   # written by the upstream
+    # spans to Jaeger, joined to Envoy's traces
+    cfg.setdefault("telemetry", {})["tracing"] = {"enabled": True, "otlp_endpoint": "jaeger:4317",
+                                                  "sampling_ratio": 0.01}
     return cfg
 
 

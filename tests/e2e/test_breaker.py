@@ -375,3 +375,31 @@ def test_access_log_counts_requests_by_policy_method_and_status(clean, payer):
     wait_until(lambda: count(route="reports", method="GET", status="200") >= ok_before + 3
                and count(route="reports", method="GET", status="401") >= denied_before + 1,
                timeout=5, what="the access-log entries counted")
+
+
+def test_the_log_level_changes_at_runtime_on_every_worker(fleet_clean):
+    """Not a breaker feature, but this module runs the two-worker stack: POST /logging on the
+    supervisor's admin port reaches both workers (the authz decision lines appear at debug)."""
+    s = fleet_clean
+    token = idp.load_or_create(s.dir).mint("log-reader", scopes=["read"])
+    log_path = s.dir / "logs" / "sidecar.log"
+    r = request("POST", f"{s.sidecar_admin}/logging", {"Authorization": f"Bearer {s.admin_token}"},
+                json.dumps({"level": "debug", "logger": "extproc.authz"}).encode())
+    assert r.status == 200 and json.loads(r.body)["levels"]["extproc.authz"] == "debug"
+    assert request("POST", f"{s.sidecar_admin}/logging", {"Authorization": f"Bearer {s.admin_token}"},
+                   b'{"level": "loud"}').status == 400
+    assert request("POST", f"{s.sidecar_admin}/logging", {}, b'{"level": "debug"}').status in (401, 403)
+    try:
+        def decision_pids() -> set[int]:
+            for _ in range(4):
+                get(f"{s.external}/api/products/1", token)
+            return {json.loads(x).get("pid", 0) for x in log_path.read_text().splitlines()
+                    if x.startswith("{") and '"msg": "decision"' in x}
+        wait_until(lambda: len(decision_pids()) >= 1 and '"logger": "extproc.authz"' in log_path.read_text(),
+                   timeout=10, what="decision lines at debug from the workers")
+        lines = [json.loads(x) for x in log_path.read_text().splitlines()
+                 if x.startswith("{") and '"msg": "decision"' in x]
+        assert lines and lines[-1]["policy"] == "api" and lines[-1]["reason"] == "ok"
+    finally:
+        request("POST", f"{s.sidecar_admin}/logging", {"Authorization": f"Bearer {s.admin_token}"},
+                json.dumps({"level": "info", "logger": "extproc.authz"}).encode())

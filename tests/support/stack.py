@@ -24,6 +24,7 @@ ENVOY_BIN = VENV_BIN / "envoy"
 
 # the shipped ports, by role
 EXTERNAL, INTERNAL, ENVOY_ADMIN, UPSTREAM, SIDECAR, SIDECAR_ADMIN = 8000, 8001, 9901, 18080, 50051, 9902
+OTLP = 4317          # the trace collector Envoy exports to (nothing listens unless a test starts one)
 
 
 def rewrite_ports(doc: Any, mapping: dict[int, int]) -> Any:
@@ -146,7 +147,7 @@ class Stack:
     def start_envoy(self, bootstrap: Path = SHIPPED_ENVOY, extra_map: dict[int, int] | None = None) -> Proc:
         mapping = {EXTERNAL: self.ports["external"], INTERNAL: self.ports["internal"],
                    ENVOY_ADMIN: self.ports["envoy_admin"], UPSTREAM: self.ports["upstream"],
-                   SIDECAR: self.ports["sidecar"], **(extra_map or {})}
+                   SIDECAR: self.ports["sidecar"], OTLP: self.ports["otlp"], **(extra_map or {})}
         path = self.dir / f"envoy-{bootstrap.stem}.json"
         path.write_text(json.dumps(envoy_config(bootstrap, mapping)))
         p = Proc("envoy", [str(ENVOY_BIN), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
@@ -174,7 +175,7 @@ class Stack:
 
 
 def new_stack(directory: Path, extra_ports: int = 0) -> Stack:
-    names = ["external", "internal", "envoy_admin", "upstream", "sidecar", "sidecar_admin"]
+    names = ["external", "internal", "envoy_admin", "upstream", "sidecar", "sidecar_admin", "otlp"]
     ports = free_ports(len(names) + extra_ports)
     mapping = dict(zip(names, ports, strict=False))
     for i in range(extra_ports):

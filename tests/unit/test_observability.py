@@ -497,7 +497,7 @@ def _cluster(doc: dict, name: str) -> dict:
 
 def _upstream_clusters(doc: dict) -> list[dict]:
     """The clusters of the demo upstream (every cluster but the sidecar's)."""
-    return [c for c in doc["static_resources"]["clusters"] if c["name"] != "extproc"]
+    return [c for c in doc["static_resources"]["clusters"] if c["name"] not in ("extproc", "otel_collector")]
 
 
 def test_compose_envoy_is_the_shipped_workers_bootstrap_except_addresses():
@@ -517,6 +517,7 @@ def test_compose_envoy_is_the_shipped_workers_bootstrap_except_addresses():
             assert int(cmd[cmd.index("--port") + 1]) == h["port_value"], mine["name"]
     a, b = copy.deepcopy(shipped), copy.deepcopy(compose)
     for doc in (a, b):
+        _cluster(doc, "otel_collector")["type"] = "<type>"
         for c in _upstream_clusters(doc):
             c["type"] = "<type>"
             group = c["load_assignment"]["endpoints"][0]
@@ -528,6 +529,11 @@ def test_compose_envoy_is_the_shipped_workers_bootstrap_except_addresses():
     assert all(lis["address"]["socket_address"]["address"] == "0.0.0.0"
                for lis in compose["static_resources"]["listeners"])
     assert _cluster(compose, "extproc") == _cluster(shipped, "extproc")
+    # traces go to Jaeger's OTLP/gRPC port on the compose network
+    otel = _cluster(compose, "otel_collector")
+    assert otel["type"] == "STRICT_DNS"
+    target = otel["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert target == {"address": "jaeger", "port_value": 4317} and "jaeger" in services
 
 
 def test_compose_envoy_reaches_both_sidecars():
@@ -564,6 +570,9 @@ def test_compose_sidecar_config_loads_and_differs_from_shipped_only_where_compos
         intro = doc["providers"]["opaque"]["introspection"]
         for key in ("endpoint", "client_secret_env", "client_secret_file"):
             intro.pop(key, None)
+    tracing = mine["telemetry"].pop("tracing")
+    shipped["telemetry"].pop("tracing")
+    assert tracing["enabled"] and tracing["otlp_endpoint"] == "jaeger:4317"      # spans to Jaeger
     assert mine == shipped
     (shipped_server, mine_server) = (load_yaml(ROOT / "extproc.yaml")["server"], load_yaml(path)["server"])
     # one worker per container: worker i would listen on base + i, past the ports Envoy lists

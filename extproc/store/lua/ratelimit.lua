@@ -1,7 +1,7 @@
 -- Rate limits: check every rule of one request, then charge all of them or none.
 --
 -- KEYS[i]   rule i's state, a hash (all KEYS share one hash tag, so this runs on Cluster)
--- ARGV[1]   "charge" | "refund"
+-- ARGV[1]   "charge" | "peek" | "refund"
 -- ARGV[2]   now in Unix ms, or "" for the server's clock (TIME). Only tests pass a time: in
 --           production every replica asks Redis, so skewed replica clocks agree.
 -- ARGV[3 + 6(i-1) ...]  rule i, six values: alg, a, b, c, cost, window
@@ -14,6 +14,9 @@
 -- "charge" returns {now, admitted (1|0), then per rule: allowed (1|0), remaining,
 --   reset_after_ms, retry_after_ms, window_ms, window id}. Every rule is checked before any
 --   is written: a request that one rule rejects is charged to no rule.
+-- "peek" answers exactly what "charge" would and writes nothing (no state created, no TTL
+--   touched): the admin's usage view. Each rule's remaining is then what is left before the
+--   request; a charge admitted at that instant answers remaining - cost.
 -- "refund" gives back each rule's `cost` charged in `window` (the other half of a request
 --   whose rules span several Cluster slots and that another slot rejected); returns {now}.
 --
@@ -260,7 +263,8 @@ for _, r in ipairs(rules) do
   admitted = admitted and r.fits
 end
 
-if admitted then
+-- "peek" stops before the only writes ("charge"'s), and reports the same
+if admitted and ARGV[1] ~= 'peek' then
   for _, r in ipairs(rules) do
     if r.alg == 't' then
       r.level = r.level - r.cost * r.c
