@@ -32,6 +32,7 @@ class Supervisor:
         self.draining = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._followers: list = []          # callables taking the reloaded config (admin-side state)
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         argv = [sys.executable, "-m", "extproc", "serve", "--worker-index", str(index),
@@ -75,6 +76,8 @@ class Supervisor:
             log.error("config reload rejected; workers keep the previous config", extra={"error": str(exc)})
             return False, str(exc)
         self.cfg = new.model_copy(update={k: getattr(self.cfg, k) for k in ("server", "store")})
+        for follower in self._followers:
+            follower(self.cfg)            # the admin API's cache and breakers follow the new config
         self.signal_all(signal.SIGHUP)
         return True, "reload signalled to workers"
 
@@ -121,8 +124,13 @@ class Supervisor:
         if store is not None:
             from .services.ratelimit import RateLimiter
 
-            limiter = RateLimiter(self.cfg.rate_limits, store)
-            ratelimiter = lambda: limiter  # noqa: E731
+            built: dict = {}
+
+            def ratelimiter():
+                # follows reloads: the admin API's rules are the config in force
+                if built.get("cfg") is not self.cfg.rate_limits:
+                    built["cfg"], built["limiter"] = self.cfg.rate_limits, RateLimiter(self.cfg.rate_limits, store)
+                return built["limiter"]
         cache = None
         if store is not None:
             from .services.cache import ResponseCache
@@ -134,6 +142,10 @@ class Supervisor:
             from .store.memory import MemoryStore
 
             breakers = Breakers(self.cfg.circuit_breakers, store, MemoryStore())   # forcings go to the store
+        if cache is not None:
+            self._followers.append(lambda cfg: cache.reconfigure(cfg.cache))
+        if breakers is not None:
+            self._followers.append(lambda cfg: breakers.reconfigure(cfg.circuit_breakers))
         admin = AdminServer(self.cfg.admin, self, apikeys=apikeys, revocations=revocations, ratelimiter=ratelimiter,
                             cache=cache, breakers=breakers)
         await admin.start()

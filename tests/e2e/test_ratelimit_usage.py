@@ -108,3 +108,18 @@ def _restart(server: RedisServer) -> Proc:
     p = Proc("redis-restarted", old.argv, old.log_path.parent)
     wait_until(lambda: server.command("PING").startswith("+PONG"), timeout=15, what="redis back")
     return p
+
+
+def test_the_supervisors_admin_api_follows_a_reload(usage_stack):
+    """Under --workers N the admin API lives in the supervisor: a reload that adds a rule makes it
+    readable there (and the workers enforce it)."""
+    s = usage_stack
+    added = {"name": "usage-added", "policies": ["api"], "when": {"path_prefix": ["/api/users"]},
+             "count_by": ["user"], "algorithm": "fixed_window", "limit": 5, "period": "hour"}
+    s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": s.redis.url, "timeout_ms": 50}},
+                            "rate_limits": {"store_timeout_ms": 100, "rules": [*RULES, added]}})
+    r = request("POST", f"{s.sidecar_admin}/reload", {"Authorization": f"Bearer {s.admin_token}"})
+    assert r.status == 200, r.body
+    names = [rule["name"] for rule in get_json(f"{s.sidecar_admin}/ratelimits")["rules"]]
+    assert "usage-added" in names
+    assert usage(s, "usage-added", "nobody-yet")["remaining"] == 5
