@@ -246,8 +246,8 @@ class Worker:
             maximum_concurrent_rpcs=self.cfg.server.max_in_flight,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationService(self.runtime_ref, breakers=self.breakers), server)
+        authz = AuthorizationService(self.runtime_ref, breakers=self.breakers)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
         from .telemetry import tracing
 
         tracing.setup(self.cfg.telemetry.tracing)       # per process: each worker exports its own spans
@@ -275,6 +275,7 @@ class Worker:
                                      breakers=self.breakers)
             await self.admin.start()
         self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
+        self._tasks.append(asyncio.create_task(self._sample_loop(authz), name="loop-sampler"))
         self._tasks.append(asyncio.create_task(self._follow_ratelimit_resets(), name="rl-resets"))
         if self.config_path is not None:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
@@ -405,6 +406,19 @@ class Worker:
             await asyncio.sleep(1.0)
 
     # -- store health -----------------------------------------------------------------------------
+    async def _sample_loop(self, authz: AuthorizationService, period: float = 0.25) -> None:
+        """Event-loop lag and in-flight work, sampled: no metric call on the request path."""
+        loop = asyncio.get_running_loop()
+        authz_gauge = metrics.IN_FLIGHT.labels("authz")
+        proc_gauge = metrics.IN_FLIGHT.labels("ext_proc")
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(period)
+            metrics.LOOP_LAG.observe(max(0.0, loop.time() - t0 - period))
+            authz_gauge.set(authz.in_flight)
+            if self.processor is not None:
+                proc_gauge.set(self.processor.in_flight)
+
     async def _probe_store(self) -> None:
         gauge = metrics.STORE_UP.labels(self.store.name)
         while True:

@@ -99,6 +99,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         # runtime_ref() returns the Runtime in force; a reload swaps it between calls
         self._runtime = runtime_ref
         self.breakers = breakers         # services.breaker.Breakers: the lean wiring's check
+        self.in_flight = 0
         self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
 
     async def _lean_breaker(self, rt, policy: str, request_id: str, decision):
@@ -125,17 +126,21 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
                     policy=policy, rule=f"breaker:{spec.name}", headers=marks)
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
-        if not tracing.ACTIVE:
-            return await self._check(request, context, None)
-        span = tracing.start("extproc.ext_authz", context)
+        self.in_flight += 1          # read by the worker's sampler (no metric call per request)
         try:
-            return await self._check(request, context, span)
-        except BaseException as exc:
-            span.set_attribute("extproc.result", "error")
-            span.record_exception(exc)
-            raise
+            if not tracing.ACTIVE:
+                return await self._check(request, context, None)
+            span = tracing.start("extproc.ext_authz", context)
+            try:
+                return await self._check(request, context, span)
+            except BaseException as exc:
+                span.set_attribute("extproc.result", "error")
+                span.record_exception(exc)
+                raise
+            finally:
+                span.end()
         finally:
-            span.end()
+            self.in_flight -= 1
 
     async def _check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, span) -> pb.CheckResponse:
         start = time.perf_counter()

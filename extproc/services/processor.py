@@ -150,6 +150,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
         self._runtime = runtime_ref
         self.cache = cache
         self.breakers = breakers
+        self.in_flight = 0
         self._timing = metrics.child(metrics.DECISION_SECONDS, "ext_proc")
         self._waiters: dict[Ticket, asyncio.Future[Permit]] = {}
         self._replies: dict[Rejection, pb.ProcessingResponse] = {}
@@ -236,6 +237,13 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
 
     # -- the stream -------------------------------------------------------------------------------
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        self.in_flight += 1          # read by the worker's sampler (no metric call per stream)
+        try:
+            await self._process(request_iterator, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         rt = self._runtime()
         named = policy_of(context)
         policy = rt.policy_label(named)

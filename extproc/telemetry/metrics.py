@@ -142,6 +142,13 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 ACCESS_LOG_ENTRIES = Counter(
     "extproc_access_log_entries_total", "Access-log entries received from Envoy's gRPC access logger.")
+LOOP_LAG = Histogram(
+    "extproc_event_loop_lag_seconds", "How late the event loop ran a 250 ms timer (sampled 4× a second): "
+    "time every request on this process waited for the loop.", buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                                                          0.025, 0.05, 0.1, 0.25, 1.0))
+IN_FLIGHT = Gauge(
+    "extproc_in_flight_calls", "ext_authz calls and ext_proc streams being served (sampled 4× a second).",
+    ["service"], multiprocess_mode="livesum")
 READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 

@@ -369,3 +369,18 @@ def test_without_route_metadata_the_policy_comes_from_ext_authz(sidecar: Sidecar
             await finish(held)
             await drained("sse")
     run(body)
+
+
+def test_in_flight_work_and_event_loop_lag_are_sampled(sidecar: Sidecar):
+    async def body():
+        async with sidecar.run(with_concurrency(sidecar, global_limit=50, default_route_limit=50)) as rt:
+            lag_before = sample("extproc_event_loop_lag_seconds_count")
+            held = [await admitted(rt, "public") for _ in range(3)]
+            await eventually(lambda: sample("extproc_in_flight_calls", service="ext_proc") >= 3,
+                             what="held streams sampled as in flight")
+            for call in held:
+                await finish(call)
+            await eventually(lambda: sample("extproc_in_flight_calls", service="ext_proc") == 0,
+                             what="in flight back to zero")
+            assert sample("extproc_event_loop_lag_seconds_count") > lag_before
+    run(body)
