@@ -163,12 +163,13 @@ class MemoryTier:
     """LRU of decoded entries, bounded by the bytes their encodings take (plus a per-entry
     overhead), so the bound holds under any mix of sizes."""
 
-    OVERHEAD = 2048     # the decoded message and its header objects (measured ~1.9 KB for a small entry)
+    OVERHEAD = 3072     # the decoded message, its header objects (measured ~1.9 KB) and the reply headers
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[str, tuple[CacheEntry, int]] = OrderedDict()
+        self._extra: dict[str, object] = {}     # what the servicer derives from an entry (its reply headers)
         self._gauges = (metrics.child(metrics.CACHE_ENTRIES, "memory"), metrics.child(metrics.CACHE_BYTES, "memory"))
 
     def __len__(self) -> int:
@@ -189,17 +190,29 @@ class MemoryTier:
         self._items[key] = (entry, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, old) = self._items.popitem(last=False)
+            gone, (_, old) = self._items.popitem(last=False)
+            self._extra.pop(gone, None)
             self.bytes -= old
         self._report()
 
     def pop(self, key: str) -> None:
         item = self._items.pop(key, None)
+        self._extra.pop(key, None)
         if item is not None:
             self.bytes -= item[1]
             self._report()
 
+    def extra(self, key: str, entry: CacheEntry) -> object | None:
+        item = self._items.get(key)
+        return self._extra.get(key) if item is not None and item[0] is entry else None
+
+    def set_extra(self, key: str, entry: CacheEntry, value: object) -> None:
+        item = self._items.get(key)
+        if item is not None and item[0] is entry:
+            self._extra[key] = value
+
     def clear(self) -> None:
+        self._extra.clear()
         self._items.clear()
         self.bytes = 0
         self._report()
@@ -413,6 +426,7 @@ class Hit:
     detail: str
     not_modified: bool = False
     head: bool = False
+    key: str = ""                # its key in the in-process tier
 
 
 def collect_headers(header_map) -> dict[str, str]:
@@ -598,7 +612,7 @@ class ResponseCache:
         if status == "STALE":
             metrics.child(metrics.CACHE_STALE, rule.name).inc()
         return Hit(entry, status, detail, not_modified=hc.not_modified(look.headers, entry.etag, entry.last_modified),
-                   head=look.method == "HEAD")
+                   head=look.method == "HEAD", key=look.key)
 
     async def _wait(self, fut: asyncio.Future[CacheEntry | None]) -> CacheEntry | None:
         try:

@@ -80,7 +80,7 @@ def _cache_options(look: Lookup) -> list[base_pb2.HeaderValueOption]:
             _option("cache-status", f"extproc; {look.detail}".encode() if look.detail else b"extproc")]
 
 
-def hit_reply(hit: Hit, now: float, seconds: float) -> pb.ProcessingResponse:
+def hit_reply(hit: Hit, now: float, seconds: float, tier=None) -> pb.ProcessingResponse:
     """The stored response as an ImmediateResponse (Envoy adds content-length, date, server)."""
     entry = hit.entry
     ttl = int(entry.expires_at_ms / 1000 - now)
@@ -94,10 +94,26 @@ def hit_reply(hit: Hit, now: float, seconds: float) -> pb.ProcessingResponse:
         return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=304), headers=pb.HeaderMutation(set_headers=kept + marks),
             details="extproc_cache_not_modified"))
-    stored = [_option(h.name, h.value, _APPEND) for h in entry.headers]
+    headers = pb.HeaderMutation()
+    headers.CopyFrom(_stored_headers(entry, hit.key, tier))      # built once per entry; a C copy per hit
+    headers.set_headers.extend(marks)
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=entry.status), headers=pb.HeaderMutation(set_headers=stored + marks),
+        status=http_status_pb2.HttpStatus(code=entry.status), headers=headers,
         body=b"" if hit.head else entry.body, details="extproc_cache_hit"))
+
+
+def _stored_headers(entry, key: str, tier) -> pb.HeaderMutation:
+    """The entry's stored headers as a HeaderMutation, kept beside the entry in the in-process tier
+    (building the option messages is most of a hit's own cost); built afresh for an entry the tier
+    does not hold."""
+    if tier is not None:
+        got = tier.extra(key, entry)
+        if got is not None:
+            return got
+    mutation = pb.HeaderMutation(set_headers=[_option(h.name, h.value, _APPEND) for h in entry.headers])
+    if tier is not None:
+        tier.set_extra(key, entry, mutation)
+    return mutation
 
 
 _NOT_MODIFIED_FIELDS = frozenset({"cache-control", "content-location", "etag", "expires", "vary", "last-modified"})
@@ -372,7 +388,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             ex.decision_seconds += time.perf_counter() - start
             if isinstance(got, Hit):
                 ex.answer()
-                return hit_reply(got, cache.clock(), ex.decision_seconds)
+                return hit_reply(got, cache.clock(), ex.decision_seconds, cache.memory)
             ex.step(kind)
             if got:
                 ex.expect_body()
@@ -400,7 +416,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                 if isinstance(got, Hit):          # a fresh hit never reaches the upstream: no breaker involved
                     ex.answer()
                     ex.decision_seconds += time.perf_counter() - start
-                    return hit_reply(got, cache.clock(), ex.decision_seconds)
+                    return hit_reply(got, cache.clock(), ex.decision_seconds, cache.memory)
                 look = flow.look = got
         if breakers is not None:
             spec = breakers.spec_for(cluster_of(msg))
@@ -416,7 +432,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                         metrics.child(metrics.CACHE_STALE, look.rule.name).inc()
                         stale = Hit(look.entry, "STALE", "hit; fwd=stale; detail=circuit-open",
                                     head=look.method == "HEAD")
-                        return hit_reply(stale, cache.clock(), ex.decision_seconds)
+                        return hit_reply(stale, cache.clock(), ex.decision_seconds, cache.memory)
                     return self._open_reply(adm)
                 flow.admission = adm
         if look is None:

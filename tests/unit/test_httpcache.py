@@ -302,3 +302,18 @@ def test_a_leader_that_ends_without_an_answer_releases_its_waiters():
         assert not cache._pending
 
     asyncio.run(run())
+
+
+def test_what_is_derived_from_an_entry_lives_and_dies_with_it():
+    tier = MemoryTier(3 * (100 + MemoryTier.OVERHEAD))
+    a, b = _entry("/a"), _entry("/b")
+    tier.put("a", a, 100)
+    tier.set_extra("a", a, "reply-a")
+    assert tier.extra("a", a) == "reply-a"
+    assert tier.extra("a", b) is None                 # only for the very entry it was built from
+    tier.put("a", b, 100)                             # replaced: the old derivation goes
+    assert tier.extra("a", b) is None
+    tier.set_extra("a", b, "reply-b")
+    for i in range(5):                                # evicted: gone too
+        tier.put(f"k{i}", _entry(), 100)
+    assert tier.get("a") is None and tier.extra("a", b) is None and not tier._extra
