@@ -621,6 +621,11 @@ class Breaker(_Closed):
     # ext_proc: checked and fed in the ext_proc stream (exact, needs ext_proc on the route). lean: checked
     # in the ext_authz call the route already pays for (its `policies`), outcomes fed by Envoy's access-log
     # stream (batched, off the request path: failures counted with the flush interval's lag)
+    # gRPC upstreams answer errors with HTTP 200 and a grpc-status trailer: the breaker reads the status
+    # from the trailers (the route must send them: ExtProcPerRoute processing_mode response_trailer_mode SEND)
+    grpc: bool = False
+    grpc_failure_codes: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=lambda: [2, 4, 13, 14])      # UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE
     wiring: Literal["ext_proc", "lean"] = "ext_proc"
     policies: list[str] = Field(default_factory=list)    # lean: the ext_authz policies of its routes
 

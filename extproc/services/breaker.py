@@ -87,6 +87,8 @@ class Spec:
     stale_from_cache: bool
     rate: cfgmod.FailureRate | None
     lean: bool = False
+    grpc: bool = False
+    grpc_codes: frozenset[int] = frozenset()
 
     @classmethod
     def compile(cls, name: str, b: cfgmod.Breaker) -> Spec:
@@ -94,7 +96,8 @@ class Spec:
                            window_ms=int(b.window_seconds * 1000), open_ms=int(b.open_seconds * 1000),
                            probes=b.half_open_probes, close_after=b.close_after or b.half_open_probes)
         return cls(name, params, b.failure_codes(), b.slow_call_ms / 1000 if b.slow_call_ms else None,
-                   b.mode == "shadow", b.fallback, b.stale_from_cache, b.failure_rate, b.wiring == "lean")
+                   b.mode == "shadow", b.fallback, b.stale_from_cache, b.failure_rate, b.wiring == "lean",
+                   b.grpc, frozenset(b.grpc_failure_codes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +286,9 @@ class Breakers:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def record(self, adm: Admission, status: int | None, seconds: float) -> None:
-        """How an admitted request ended: `status` None when its client went away first."""
+    async def record(self, adm: Admission, status: int | None, seconds: float, grpc_status: int | None = None) -> None:
+        """How an admitted request ended: `status` None when its client went away first; for a gRPC
+        upstream `grpc_status` (from the trailers) decides when the HTTP status is 200."""
         spec = adm.spec
         if adm.rejected or adm.would_reject and not adm.probe:
             return
@@ -292,17 +296,20 @@ class Breakers:
             if adm.probe:
                 await self._apply(spec, "release")
             return
-        failed = status in spec.codes or (spec.slow_s is not None and seconds > spec.slow_s)
+        failed = (status in spec.codes or (grpc_status is not None and grpc_status in spec.grpc_codes)
+                  or (spec.slow_s is not None and seconds > spec.slow_s))
+        why = (f"status {status}" if status in spec.codes
+               else f"grpc-status {grpc_status}" if grpc_status is not None and grpc_status in spec.grpc_codes
+               else f"slow call ({seconds * 1000:.0f} ms)")
         if failed:
             metrics.child(metrics.BREAKER_FAILURES, spec.name).inc()
         if adm.probe:
             await self._apply(spec, "probe_failure" if failed else "probe_success",
-                              f"probe {'failed' if failed else 'succeeded'} (status {status})")
+                              f"probe failed ({why})" if failed else f"probe succeeded (status {status})")
             return
         view = self.views.get(spec.name) or View()
         if failed:
-            await self._apply(spec, "failure", f"status {status}" if status in spec.codes
-                              else f"slow call ({seconds * 1000:.0f} ms)")
+            await self._apply(spec, "failure", why)
         elif view.consecutive > 0 and view.state == br.CLOSED:
             await self._apply(spec, "success")
         if spec.rate is not None and view.state == br.CLOSED:

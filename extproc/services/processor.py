@@ -380,9 +380,14 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
         if kind == "response_headers" and (flow.look is not None or flow.admission is not None):
             hdrs = raw_headers(msg.response_headers.headers)
             status = next((int(v) for k, v in hdrs if k == ":status" and v.isdigit()), 0)
-            if flow.admission is not None:
-                flow.recorded = True
-                await breakers.record(flow.admission, status, time.perf_counter() - flow.started)
+            adm = flow.admission
+            if adm is not None:
+                grpc_status = next((int(v) for k, v in hdrs if k == "grpc-status" and v.isdigit()), None)
+                if adm.spec.grpc and status == 200 and grpc_status is None:
+                    flow.grpc_pending = True          # decided by the grpc-status trailer
+                else:
+                    flow.recorded = True
+                    await breakers.record(adm, status, time.perf_counter() - flow.started, grpc_status)
             look = flow.look
             got = cache.on_response(look, status, hdrs) if look is not None else False
             ex.decision_seconds += time.perf_counter() - start
@@ -393,6 +398,13 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             if got:
                 ex.expect_body()
             return response_reply(look, ex.decision_seconds, store=got)
+        if kind == "response_trailers" and flow.grpc_pending and flow.admission is not None:
+            trailers = raw_headers(msg.response_trailers.trailers)
+            grpc_status = next((int(v) for k, v in trailers if k == "grpc-status" and v.isdigit()), 2)
+            flow.grpc_pending, flow.recorded = False, True
+            await breakers.record(flow.admission, 200, time.perf_counter() - flow.started, grpc_status)
+            ex.decision_seconds += time.perf_counter() - start
+            return _CONTINUE[kind]
         if kind == "response_body" and flow.look is not None:
             body = msg.response_body
             if body.end_of_stream:
@@ -469,6 +481,7 @@ class Flow:
     recorded: bool = False
     started: float = 0.0
     breaker: str = ""               # the breaker that answered (open)
+    grpc_pending: bool = False      # a gRPC upstream's outcome waits for its trailers
 
 
 def cluster_of(msg) -> str:
