@@ -133,7 +133,7 @@ def request_reply(look: Lookup) -> pb.ProcessingResponse:
         header_mutation=pb.HeaderMutation(set_headers=opts, remove_headers=list(look.strip)))))
 
 
-def response_reply(look: Lookup | None, seconds: float, store: bool) -> pb.ProcessingResponse:
+def response_reply(look: Lookup | None, seconds: float, store: bool, flow=None) -> pb.ProcessingResponse:
     opts = [_option("server-timing", server_timing(seconds).encode(), _APPEND)]
     if look is not None:
         opts += _cache_options(look)
@@ -141,6 +141,27 @@ def response_reply(look: Lookup | None, seconds: float, store: bool) -> pb.Proce
         response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=opts))))
     if store:
         reply.mode_override.CopyFrom(_BUFFER_BODY)
+    if flow is not None:
+        with_metadata(reply, flow)
+    return reply
+
+
+_NAMESPACE = "envoy.filters.http.ext_proc"
+
+
+def with_metadata(reply: pb.ProcessingResponse, flow, cache_status: str = "", breaker_state: str = ""):
+    """What the cache and the breaker did, as dynamic metadata for Envoy's access log
+    (%DYNAMIC_METADATA(envoy.filters.http.ext_proc:cache)% and `:breaker`)."""
+    fields = {}
+    look, adm = flow.look, flow.admission
+    status = cache_status or (look.status if look is not None else "")
+    if status:
+        fields["cache"] = status
+    if flow.breaker or adm is not None:
+        fields["breaker"] = f"{flow.breaker or adm.spec.name}:" + (
+            breaker_state or ("open" if flow.breaker else "half_open" if adm.probe else "closed"))
+    if fields:
+        reply.dynamic_metadata.update({_NAMESPACE: fields})
     return reply
 
 
@@ -393,11 +414,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
             ex.decision_seconds += time.perf_counter() - start
             if isinstance(got, Hit):
                 ex.answer()
-                return hit_reply(got, cache.clock(), ex.decision_seconds, cache.memory)
+                return with_metadata(hit_reply(got, cache.clock(), ex.decision_seconds, cache.memory), flow,
+                                     cache_status=got.status)
             ex.step(kind)
             if got:
                 ex.expect_body()
-            return response_reply(look, ex.decision_seconds, store=got)
+            return response_reply(look, ex.decision_seconds, store=got, flow=flow)
         if kind == "response_trailers" and flow.grpc_pending and flow.admission is not None:
             trailers = raw_headers(msg.response_trailers.trailers)
             grpc_status = next((int(v) for k, v in trailers if k == "grpc-status" and v.isdigit()), 2)
@@ -428,7 +450,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                 if isinstance(got, Hit):          # a fresh hit never reaches the upstream: no breaker involved
                     ex.answer()
                     ex.decision_seconds += time.perf_counter() - start
-                    return hit_reply(got, cache.clock(), ex.decision_seconds, cache.memory)
+                    return with_metadata(hit_reply(got, cache.clock(), ex.decision_seconds, cache.memory), flow,
+                                         cache_status=got.status)
                 look = flow.look = got
         if breakers is not None:
             spec = breakers.spec_for(cluster_of(msg))
@@ -444,8 +467,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):
                         metrics.child(metrics.CACHE_STALE, look.rule.name).inc()
                         stale = Hit(look.entry, "STALE", "hit; fwd=stale; detail=circuit-open",
                                     head=look.method == "HEAD")
-                        return hit_reply(stale, cache.clock(), ex.decision_seconds, cache.memory)
-                    return self._open_reply(adm)
+                        return with_metadata(hit_reply(stale, cache.clock(), ex.decision_seconds, cache.memory),
+                                             flow, cache_status="STALE")
+                    return with_metadata(self._open_reply(adm), flow)
                 flow.admission = adm
         if look is None:
             return None

@@ -64,6 +64,11 @@ def traced(tmp_path_factory):
         boot = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
         hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["tracing"]["random_sampling"] = {"value": 100}
+        fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+        fmt.setdefault("cache", "%DYNAMIC_METADATA(envoy.filters.http.ext_proc:cache)%")
+        fmt.setdefault("breaker", "%DYNAMIC_METADATA(envoy.filters.http.ext_proc:breaker)%")
+        ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+        ext_proc["metadata_options"].setdefault("receiving_namespaces", {"untyped": ["envoy.filters.http.ext_proc"]})
         boot["layered_runtime"] = {"layers": [{"name": "test", "static_layer": {
             "tracing.opentelemetry.flush_interval_ms": 200}}]}
         path = Path(d / "envoy-traced.yaml")
@@ -127,3 +132,25 @@ def test_a_denial_is_traced_with_its_reason(traced):
                       timeout=15, what="the denial's span")[0]
     assert span["attrs"]["extproc.result"] == "deny" and span["attrs"]["extproc.reason"] == "token_missing"
     assert span["attrs"]["extproc.status"] == 401
+
+
+def test_envoys_access_log_line_carries_the_cache_status_and_the_breaker(traced):
+    """The sidecar's decisions reach Envoy's access log through dynamic metadata (the bootstrap of
+    this module adds the two fields the shipped format will carry)."""
+    s, _ = traced
+    token = idp.load_or_create(s.dir).mint("logged", scopes=["read"])
+    for _ in range(2):
+        assert get(f"{s.external}/api/products/3", token).status == 200
+    assert get(f"{s.external}/api/payments/p1", token).status == 404
+
+    def lines() -> list[dict]:
+        text = (s.dir / "logs" / "envoy.log").read_text()
+        return [json.loads(x) for x in text.splitlines() if x.startswith("{") and '"cache"' in x]
+
+    got = wait_until(lambda: [x for x in lines() if x.get("path") in ("/api/products/3", "/api/payments/p1")]
+                     if len([x for x in lines() if x.get("path") in ("/api/products/3", "/api/payments/p1")]) >= 3
+                     else None, timeout=10, what="the access-log lines")
+    products = [x["cache"] for x in got if x["path"] == "/api/products/3"]
+    assert products[-2:] == ["MISS", "HIT"] or products[-1] == "HIT", got
+    payments = [x for x in got if x["path"] == "/api/payments/p1"]
+    assert payments[-1]["breaker"] == "payments:closed", payments
