@@ -98,3 +98,18 @@ def test_other_clusters_are_not_guarded(sidecar: Sidecar):
             assert (await call.read()).WhichOneof("response") == "request_headers"
             await call.done_writing()
     run(body)
+
+
+def test_a_failure_rate_over_the_window_trips_it(sidecar: Sidecar):
+    async def body():
+        cfg = config(sidecar, consecutive_failures=0,
+                     failure_rate={"percent": 50, "window_seconds": 30, "min_calls": 6})
+        async with sidecar.run(cfg) as rt:
+            # alternating: never 2 failures in a row, but half of the calls fail
+            for status in (500, 200, 500, 200, 500):
+                assert await exchange(rt, status) == "request_headers"
+            assert sample("gateway_circuit_breaker_state", upstream="svc") == 0     # 5 calls < min_calls
+            assert await exchange(rt, 200) == "request_headers"                   # 3 of 6 failed: 50 %
+            await eventually(lambda: sample("gateway_circuit_breaker_state", upstream="svc") == 1, what="tripped")
+            assert await exchange(rt, 200) == "immediate_response"
+    run(body)
