@@ -24,24 +24,47 @@ RUNNING: list[Proc] = []      # started and not yet stopped
 STARTED: list[Proc] = []      # every process this session started, for failure reports
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Listening ports for test processes come from below the kernel's ephemeral range (32768-60999
+# here): a port picked by binding to 0 is an ephemeral one, and any outgoing connection of the
+# suite (Envoy to an upstream, a client) may take it before the process that was meant to listen
+# binds it ("Address already in use", seen on a busy machine). Ports are picked at random, checked
+# bindable, and never handed out twice by this process.
+_LOW, _HIGH = 10000, 32000
+_HANDED: set[int] = set()
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together so none repeats)."""
-    socks = []
+    """n distinct free ports (held open together so none repeats), below the ephemeral range."""
+    import random
+
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        for _ in range(50 * n + 100):
+            if len(ports) == n:
+                break
+            port = random.randrange(_LOW, _HIGH)
+            if port in _HANDED or port in ports:
+                continue
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            ports.append(port)
+        if len(ports) < n:
+            raise RuntimeError(f"no {n} free ports found in {_LOW}-{_HIGH}")
+        _HANDED.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05,
@@ -151,18 +174,21 @@ class Proc:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def free_consecutive(n: int, low: int = 20000, high: int = 40000) -> int:
+def free_consecutive(n: int, low: int = _LOW, high: int = _HIGH) -> int:
     """A base port such that base .. base+n-1 are all free (for `serve --workers n`)."""
     import random
 
     for _ in range(200):
         base = random.randrange(low, high - n)
         socks = []
+        if any(base + i in _HANDED for i in range(n)):
+            continue
         try:
             for i in range(n):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", base + i))
+            _HANDED.update(range(base, base + n))
             return base
         except OSError:
             continue

@@ -19,7 +19,6 @@ from tests.support.procs import Proc, free_port, wait_until
 REDIS_SERVER = "redis-server"
 REDIS_CLI = "redis-cli"
 _CLUSTER_BUS_OFFSET = 10000
-_MAX_CLUSTER_PORT = 55535  # the bus port (port + 10000) must stay a valid port
 
 
 def _require(binary: str) -> str:
@@ -60,24 +59,26 @@ def _bindable(port: int) -> bool:
 
 
 def cluster_ports(n: int) -> list[int]:
-    """n distinct free ports below 55535 whose cluster-bus port (+10000) is free too."""
-    held: list[socket.socket] = []
+    """n distinct free ports whose cluster-bus port (+10000) is free too; both below the kernel's
+    ephemeral range (see tests.support.procs.free_ports), so no outgoing connection takes them."""
+    import random
+
+    from .procs import _HANDED
+
     ports: list[int] = []
-    try:
-        for _ in range(2000):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            held.append(s)
-            if port < _MAX_CLUSTER_PORT and port + _CLUSTER_BUS_OFFSET not in ports \
-                    and _bindable(port + _CLUSTER_BUS_OFFSET):
-                ports.append(port)
-                if len(ports) == n:
-                    return ports
-        raise RuntimeError(f"found only {len(ports)} of {n} cluster ports with free bus ports")
-    finally:
-        for s in held:
-            s.close()
+    for _ in range(4000):
+        port = random.randrange(10000, 22000)          # its bus port stays below 32000
+        bus = port + _CLUSTER_BUS_OFFSET
+        if port in _HANDED or bus in _HANDED or port in ports or bus in ports or any(p + _CLUSTER_BUS_OFFSET == port
+                                                                                   for p in ports):
+            continue
+        if _bindable(port) and _bindable(bus):
+            ports.append(port)
+            if len(ports) == n:
+                _HANDED.update(ports)
+                _HANDED.update(p + _CLUSTER_BUS_OFFSET for p in ports)
+                return ports
+    raise RuntimeError(f"found only {len(ports)} of {n} cluster ports with free bus ports")
 
 
 class RedisServer:
