@@ -36,6 +36,31 @@ fresh; a sidecar of their own, `extproc_cache`, whose config adds a `cache:` sec
   floor_ext_proc_delay      (v) floor ext_proc on /delay/0 (CONTINUE on request and response headers)
   plain_delay               (w) Envoy -> /delay/0, no filter
 
+The circuit-breaker rows (GET /delay/0 without a token, auth none, so that the breaker is what
+differs; `v` and `w` are their floor ext_proc and plain rows). The breakers live on a sidecar of
+their own, `extproc_breaker` (the `extproc` config plus `circuit_breakers:` for four Envoy clusters
+to the same upstream, and an admin token for the run); the rows without a breaker run on `extproc`,
+on the same route and cluster:
+
+  floor_authz_delay             (x) floor ext_authz on /delay/0
+  extproc_ext_proc_delay        (y) ext_proc, no breaker, no request attribute
+  extproc_ext_proc_attr         (z) the same + request_attributes [xds.cluster_name] (the ext_proc breaker's input)
+  extproc_breaker_ext_proc      (A) ext_proc + a closed breaker on the route's cluster (ext_proc wiring)
+  extproc_breaker_ext_proc_open (B) the same, forced open through the admin API: a 503 ImmediateResponse
+  extproc_authz_delay           (C) ext_authz (policy bench-lean, auth none), no breaker
+  extproc_authz_accesslog       (D) the same + Envoy's gRPC access logger streaming to the sidecar
+  extproc_breaker_lean          (E) ext_authz + access logger + a closed lean breaker (checked in Check,
+                                    outcomes from the access log)
+  extproc_breaker_lean_open     (F) the same, forced open: a 503 ext_authz denial
+
+Before measuring, an open row must answer the breaker's 503 (`x-circuit-breaker: open`) with no
+upstream request, a closed row must reach the upstream, and the access logger must deliver its
+entries. A block under the table gives the closed breaker's Δp50 / Δ CPU against the same route
+without it (the seed promises < 1 ms) for both wirings and their parts, the open rows against the
+proxied request, and a trip test (after the loads: GET /status/500, which the upstream answers
+500, until the breaker opens): how many failures reach the upstream before it opens per wiring,
+the lean wiring's cost being its access-log lag.
+
 Every request outside the cache rows carries an `Authorization: Bearer` token (Envoy's cache
 filter serves no request with one): the same RS256 token on every variant except the ES256 ones
 (one ES256 token) and the fresh ones, whose wrk Lua script takes the next token of a pre-minted
@@ -67,6 +92,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -106,6 +132,23 @@ LRU_BODY_BYTES = 4096                    # the LRU variant's body size (/bytes/N
 LRU_SAMPLE_S = 0.5                       # the LRU variant's stored-bytes gauge and RSS are sampled this often
 NATIVE_CACHE_CONTROL = "public, max-age=600"    # what the hop adds for Envoy's cache filter
 UPSTREAM_20MS = 20.0
+# circuit breakers: the breaker rows' route (the cache rows' /delay/0: plain_delay and floor_ext_proc_delay
+# are its plain and floor), four Envoy clusters to the same upstream, each with a breaker of its own
+BREAKER_PATH = "/delay/0"
+BREAKER_SIDECAR = "extproc_breaker"
+GUARDED = "guarded"                      # ext_proc wiring, closed
+GUARDED_OPEN = "guarded_open"            # ext_proc wiring, forced open through the admin API
+GUARDED_LEAN = "guarded_lean"            # lean wiring (policy LEAN_POLICY), closed
+GUARDED_LEAN_OPEN = "guarded_lean_open"  # lean wiring (policy LEAN_OPEN_POLICY), forced open
+BREAKER_CLUSTERS = (GUARDED, GUARDED_OPEN, GUARDED_LEAN, GUARDED_LEAN_OPEN)
+LEAN_POLICY = "bench-lean"               # auth none: the ext_authz policies of the lean rows
+LEAN_OPEN_POLICY = "bench-lean-open"
+ADMIN_TOKEN_ENV = "EXTPROC_BENCH_ADMIN_TOKEN"   # the breaker sidecar's admin token (generated per run)
+ACCESS_LOG_FLUSH_S = 0.5                 # the http_grpc access logger's buffer_flush_interval (as envoy/envoy.yaml)
+ACCESS_LOG_DRAIN_S = ACCESS_LOG_FLUSH_S + 0.3   # waited after a load with the logger, inside its CPU window
+BREAKER_TARGET_MS = 1.0                  # the service-mesh seed: the breaker adds < 1 ms (p50; read, not asserted)
+TRIP_PATH = "/status/500"                # the trip test: an upstream answer that counts as a failure
+TRIP_LIMIT_S = 3.0                       # each trip burst stops after this even if the breaker never opened
 
 
 class BenchError(Exception):
@@ -126,7 +169,7 @@ class Variant:
     key: str = "rs256"            # which signing key's token the requests carry: "rs256", "es256"
     fresh: bool = False           # a different token on every request (the pool), not one repeat token
     policy: str = "api"           # the route's policy: ext_authz context_extensions, ext_proc x-extproc-policy
-    native: str = "native"        # Envoy's jwt_authn variant on the same tokens (for %native)
+    native: str | None = "native"   # Envoy's jwt_authn variant on the same tokens (for %native)
     baseline: str | None = None   # the same listener without its rate limiter (the limiter block's Δ columns)
     path: str = TARGET_PATH       # what every request asks for
     token: bool = True            # send `Authorization: Bearer <token>` (Envoy's cache filter never serves those)
@@ -136,6 +179,11 @@ class Variant:
     cluster: str = "upstream"     # the route's cluster (`upstream_cacheable`: the hop adding Cache-Control)
     plain: str | None = "plain"   # Envoy alone on the same route (for %plain)
     upstream_ms: float = 0.0      # the upstream's own delay on this route
+    attributes: bool = False      # ext_proc gets request_attributes [xds.cluster_name] (the ext_proc breaker's input)
+    access_log: bool = False      # the listener streams Envoy's gRPC access log to the variant's sidecar
+    breaker: str | None = None    # the route's circuit breaker: "closed", "open" (forced open before measuring)
+    wiring: str | None = None     # that breaker's wiring: "ext_proc", "lean"
+    expect_status: int = 200      # what every request must get (503: the open breaker's answer)
 
     @property
     def rate_limited(self) -> bool:
@@ -145,11 +193,23 @@ class Variant:
 # the extproc sidecars: name -> rate-limit store (None: no rate_limits section, in-memory store).
 # Each is its own `extproc serve` process with its own gRPC cluster in Envoy.
 SIDECARS: dict[str, str | None] = {"extproc": None, "extproc_rl_memory": "memory", "extproc_rl_redis": "redis",
-                                   "extproc_cache": None, "extproc_cache_lru": None}
+                                   "extproc_cache": None, "extproc_cache_lru": None, BREAKER_SIDECAR: None}
 RATELIMIT_SIDECARS = frozenset(k for k, store in SIDECARS.items() if store)
 # the response-cache sidecars: name -> cache.memory_max_bytes; the same `cache:` rules, in-memory store
 CACHE_SIDECARS: dict[str, int] = {"extproc_cache": CACHE_MEMORY_BYTES, "extproc_cache_lru": LRU_MEMORY_BYTES}
 LIMITER_TARGET_MS = 0.5                  # the service-mesh seed: the limiter adds < 0.5 ms (p50; read, not asserted)
+
+# the breaker sidecar's breakers: Envoy cluster -> config (the webshop plan's 5 consecutive failures,
+# 30 s open, 3 probes; the lean ones name the ext_authz policy of their route). Forcing one open
+# through the admin API holds it open whatever its settings.
+BREAKERS: dict[str, dict[str, Any]] = {
+    GUARDED: {"consecutive_failures": 5, "open_seconds": 30, "half_open_probes": 3},
+    GUARDED_OPEN: {"consecutive_failures": 5, "open_seconds": 30, "half_open_probes": 3},
+    GUARDED_LEAN: {"wiring": "lean", "policies": [LEAN_POLICY], "consecutive_failures": 5, "open_seconds": 30,
+                   "half_open_probes": 3},
+    GUARDED_LEAN_OPEN: {"wiring": "lean", "policies": [LEAN_OPEN_POLICY], "consecutive_failures": 5,
+                        "open_seconds": 30, "half_open_probes": 3},
+}
 
 # two rules that match every request of policy `api`, as extproc.yaml's per-user and per-endpoint
 # rules, with limits the bench can never reach: the check and the charge are paid, nothing is rejected
@@ -228,7 +288,56 @@ VARIANTS = (
             policy=CACHE_POLICY, native="native_cache", path="/delay/0", token=False, plain="plain_delay"),
     Variant("plain_delay", "w", "Envoy -> /delay/0", (), None, native="native_cache", path="/delay/0", token=False,
             plain="plain_delay"),
+    # circuit breakers: GET /delay/0 without a token (auth none), so that the breaker is what differs; the
+    # rows without a breaker route to the same cluster as the breaker rows they are compared with
+    Variant("floor_authz_delay", "x", "floor ext_authz (always OK) on /delay/0", ("authz",), "floor",
+            policy=LEAN_POLICY, native=None, path=BREAKER_PATH, token=False, plain="plain_delay",
+            cluster=GUARDED_LEAN),
+    Variant("extproc_ext_proc_delay", "y", "extproc ext_proc on /delay/0 (policy public), no breaker", ("ext_proc",),
+            "extproc", "floor_ext_proc_delay", policy=CACHE_POLICY, native=None, path=BREAKER_PATH, token=False,
+            plain="plain_delay", cluster=GUARDED),
+    Variant("extproc_ext_proc_attr", "z", "extproc ext_proc on /delay/0 + request_attributes [xds.cluster_name], "
+            "no breaker", ("ext_proc",), "extproc", "floor_ext_proc_delay", policy=CACHE_POLICY, native=None,
+            path=BREAKER_PATH, token=False, plain="plain_delay", cluster=GUARDED, attributes=True),
+    Variant("extproc_breaker_ext_proc", "A", "extproc ext_proc + circuit breaker (ext_proc wiring), closed",
+            ("ext_proc",), BREAKER_SIDECAR, "floor_ext_proc_delay", policy=CACHE_POLICY, native=None,
+            path=BREAKER_PATH, token=False, plain="plain_delay", cluster=GUARDED, attributes=True, breaker="closed",
+            wiring="ext_proc"),
+    Variant("extproc_breaker_ext_proc_open", "B", "extproc ext_proc + circuit breaker (ext_proc wiring), forced open: "
+            "503 ImmediateResponse", ("ext_proc",), BREAKER_SIDECAR, "floor_ext_proc_delay", policy=CACHE_POLICY,
+            native=None, path=BREAKER_PATH, token=False, plain="plain_delay", cluster=GUARDED_OPEN, attributes=True,
+            breaker="open", wiring="ext_proc", expect_status=503),
+    Variant("extproc_authz_delay", "C", f"extproc ext_authz on /delay/0 (policy {LEAN_POLICY}, auth none), no breaker",
+            ("authz",), "extproc", "floor_authz_delay", policy=LEAN_POLICY, native=None, path=BREAKER_PATH,
+            token=False, plain="plain_delay", cluster=GUARDED_LEAN),
+    Variant("extproc_authz_accesslog", "D", "extproc ext_authz on /delay/0 + Envoy's gRPC access logger to it, "
+            "no breaker", ("authz",), "extproc", "floor_authz_delay", policy=LEAN_POLICY, native=None,
+            path=BREAKER_PATH, token=False, plain="plain_delay", cluster=GUARDED_LEAN, access_log=True),
+    Variant("extproc_breaker_lean", "E", "extproc ext_authz + circuit breaker (lean wiring: checked in Check, "
+            "outcomes from the access log), closed", ("authz",), BREAKER_SIDECAR, "floor_authz_delay",
+            policy=LEAN_POLICY, native=None, path=BREAKER_PATH, token=False, plain="plain_delay",
+            cluster=GUARDED_LEAN, access_log=True, breaker="closed", wiring="lean"),
+    Variant("extproc_breaker_lean_open", "F", "extproc ext_authz + circuit breaker (lean wiring), forced open: "
+            "503 denial", ("authz",), BREAKER_SIDECAR, "floor_authz_delay", policy=LEAN_OPEN_POLICY, native=None,
+            path=BREAKER_PATH, token=False, plain="plain_delay", cluster=GUARDED_LEAN_OPEN, access_log=True,
+            breaker="open", wiring="lean", expect_status=503),
 )
+# the circuit-breaker block: (row, against, what the difference is, read against BREAKER_TARGET_MS)
+BREAKER_COMPARISONS = (
+    ("extproc_breaker_ext_proc", "extproc_ext_proc_delay", "ext_proc wiring, closed: the whole cost (attribute + "
+     "breaker)", True),
+    ("extproc_breaker_ext_proc", "extproc_ext_proc_attr", "ext_proc wiring: the breaker alone (both with the "
+     "attribute)", False),
+    ("extproc_ext_proc_attr", "extproc_ext_proc_delay", "the xds.cluster_name attribute alone", False),
+    ("extproc_breaker_lean", "extproc_authz_delay", "lean wiring, closed: the whole cost (access logger + check)",
+     True),
+    ("extproc_breaker_lean", "extproc_authz_accesslog", "lean wiring: the check and the outcomes alone (both with "
+     "the logger)", False),
+    ("extproc_authz_accesslog", "extproc_authz_delay", "Envoy's gRPC access logger alone", False),
+)
+# fail-fast: the open row against the proxied request on the same route (the closed row)
+FAIL_FAST = (("extproc_breaker_ext_proc_open", "extproc_breaker_ext_proc"),
+             ("extproc_breaker_lean_open", "extproc_breaker_lean"))
 BY_NAME = {v.name: v for v in VARIANTS} | {v.letter: v for v in VARIANTS if v.letter}
 
 
@@ -261,11 +370,11 @@ def _die_with_parent() -> None:
 class Proc:
     """One child process with its output in a log file, stopped by its PID."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path):
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                       start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = self.popen.pid
@@ -306,22 +415,40 @@ class Proc:
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
+    """n distinct free ports below the kernel's ephemeral range (32768+): a port picked by binding
+    to 0 is an ephemeral one that an outgoing connection (wrk, Envoy to the upstream) can take
+    before the process meant to listen there binds it."""
+    import random
+
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        for _ in range(50 * n + 100):
+            if len(ports) == n:
+                return ports
+            port = random.randrange(10000, 32000)
+            if port in ports:
+                continue
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            ports.append(port)
+        if len(ports) == n:
+            return ports
+        raise BenchError(f"no {n} free ports found below 32000")
     finally:
         for s in socks:
             s.close()
 
 
-def http_request(url: str, headers: dict[str, str] | None = None,
-                 timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+def http_request(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0,
+                 method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     """(status, response headers with lower-case names, body)."""
-    req = urllib.request.Request(url, headers=headers or {})
+    req = urllib.request.Request(url, headers=headers or {}, method=method, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
@@ -432,8 +559,11 @@ def _grpc_cluster(name: str, port: int) -> dict:
     }
 
 
+# as envoy/envoy.yaml: Envoy also takes the backoff's max_interval as the per-try timeout of a gRPC
+# service (measured), so it equals the call timeout; at 0.05 s every Check slower than 50 ms under load
+# was re-sent (`upstream_rq_per_try_timeout`), paid twice by the sidecar
 _SIDECAR_RETRY = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2,
-                  "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+                  "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.5s"},
                   "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
                       "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3"
                                ".PreviousHostsPredicate"}}],
@@ -502,10 +632,22 @@ def _http_filters(v: Variant, jwks: dict[str, dict]) -> list[dict]:
                                     "request_body_mode": "NONE", "response_body_mode": "NONE",
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
                 "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.ext_authz"]}},
+                # as envoy/envoy.yaml: the circuit breaker learns the route's cluster from this attribute
+                **({"request_attributes": ["xds.cluster_name"]} if v.attributes else {}),
                 "grpc_service": grpc_service}})
     out.append({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
     return out
+
+
+def _grpc_access_log(v: Variant) -> dict:
+    """envoy/envoy.yaml's gRPC access logger: every finished request, batched to the variant's sidecar
+    (its AccessLogService: gateway_requests_total and the lean breakers' outcomes)."""
+    return {"name": "envoy.access_loggers.http_grpc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+        "common_config": {"log_name": "extproc", "transport_api_version": "V3",
+                          "grpc_service": {"envoy_grpc": {"cluster_name": v.sidecar}},
+                          "buffer_flush_interval": f"{ACCESS_LOG_FLUSH_S}s", "buffer_size_bytes": 16384}}}
 
 
 def _route(v: Variant) -> dict:
@@ -539,6 +681,7 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
                 "generate_request_id": True, "preserve_external_request_id": False,
                 "always_set_request_id_in_response": True, "max_request_headers_kb": 60,
                 "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+                **({"access_log": [_grpc_access_log(v)]} if v.access_log else {}),
                 "route_config": {"name": v.name, "virtual_hosts": [
                     {"name": v.name, "domains": ["*"], "routes": [_route(v)]}]},
                 "http_filters": _http_filters(v, jwks)}}]}],
@@ -568,6 +711,10 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}],
         })
         clusters.append(static_cluster("upstream_cacheable", ports.hop))
+    # the breaker rows' clusters: the same upstream under the names the breakers are configured for
+    for name in BREAKER_CLUSTERS:
+        if any(v.cluster == name for v in variants):
+            clusters.append(static_cluster(name, ports.upstream))
     for name in SIDECARS:
         if any(v.sidecar == name for v in variants):
             clusters.append(_grpc_cluster(name, ports.sidecars[name][0]))
@@ -583,14 +730,17 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extpr
                    store_timeout_ms: int = STORE_TIMEOUT_MS) -> dict:
     """The `extproc` sidecar's config; the rate-limited sidecars add RATELIMIT_RULES on their store
     (the demo's store_timeout_ms and local_fallback defaults unless --store-timeout-ms says otherwise),
-    the cache sidecars a `cache:` section (CACHE_RULES, their own memory_max_bytes), and they differ
-    in nothing else."""
+    the cache sidecars a `cache:` section (CACHE_RULES, their own memory_max_bytes), the breaker
+    sidecar a `circuit_breakers:` section (BREAKERS) and an admin token (from ADMIN_TOKEN_ENV, so
+    that the bench can force breakers open), and they differ in nothing else."""
     grpc_port, admin_port = ports.sidecars[name]
     store = SIDECARS[name]
     cfg = {
         "server": {"listen": f"127.0.0.1:{grpc_port}", "workers": 1, "max_in_flight": 512,
                    "shutdown_grace_seconds": 1, "drain_delay_seconds": 0},
-        "admin": {"listen": f"127.0.0.1:{admin_port}", "token_env": None},
+        # the breaker sidecar has a token (forcing a breaker open needs it), generated per run
+        "admin": {"listen": f"127.0.0.1:{admin_port}",
+                  "token_env": ADMIN_TOKEN_ENV if name == BREAKER_SIDECAR else None},
         "store": ({"redis": {"url": f"redis://127.0.0.1:{ports.redis}/0"}} if store == "redis"
                   else {"memory": {"max_keys": 100000}}),
         "providers": {
@@ -602,7 +752,9 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extpr
                             "claims_to_headers": {"sub": "x-jwt-sub"}}},
         "policies": {"api": {"mode": "enforce", "auth": {"providers": ["bench"]}},
                      "api-es256": {"mode": "enforce", "auth": {"providers": ["bench-es256"]}},
-                     "public": {"auth": "none"}},
+                     "public": {"auth": "none"},
+                     # the lean breaker rows' routes (auth none): each lean breaker names its policies
+                     LEAN_POLICY: {"auth": "none"}, LEAN_OPEN_POLICY: {"auth": "none"}},
         "default_policy": "api",
         "unknown_policy": "deny",
     }
@@ -612,6 +764,8 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extpr
     if name in CACHE_SIDECARS:
         # the in-process tier only (the store is in-memory: there is no shared tier to go to)
         cfg["cache"] = {"memory_max_bytes": CACHE_SIDECARS[name], "shared": False, "rules": CACHE_RULES}
+    if name == BREAKER_SIDECAR:
+        cfg["circuit_breakers"] = {"upstreams": BREAKERS}
     return cfg
 
 
@@ -809,6 +963,7 @@ class Stack:
     fresh: dict[str, FreshSequence] = field(default_factory=dict)
     unique_lua: Path | None = None
     loads: int = 0                # wrk runs so far: the unique-key prefix of the next one
+    admin_token: str = ""         # the breaker sidecar's admin token (its environment's ADMIN_TOKEN_ENV)
 
     def next_prefix(self, v: Variant) -> str:
         self.loads += 1
@@ -845,6 +1000,32 @@ class Stack:
             raise BenchError(f"upstream /_control/hits answered {status}")
         return int(json.loads(body)["total"])
 
+    def upstream_settled(self, limit_s: float = 2.0) -> int:
+        """The upstream's count once it stopped moving (two reads 50 ms apart agree): requests of the
+        previous load still in flight when its wrk stopped must not land in the next load's count."""
+        last = self.upstream_requests()
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.upstream_requests()
+            if now == last:
+                break
+            last = now
+        return last
+
+    def breaker_admin(self, action: str, upstream: str | None = None) -> dict:
+        """The breaker sidecar's admin API: GET /breakers (action "list"), or POST
+        /breakers/{upstream}/{open|close|reset} with the run's bearer token."""
+        base = f"http://127.0.0.1:{self.ports.sidecars[BREAKER_SIDECAR][1]}/breakers"
+        if action == "list":
+            status, _, body = http_request(base)
+        else:
+            status, _, body = http_request(f"{base}/{upstream}/{action}", method="POST",
+                                           headers={"Authorization": f"Bearer {self.admin_token}"})
+        if status != 200:
+            raise BenchError(f"{BREAKER_SIDECAR} admin {action} {upstream or ''} answered {status}: {body[:300]!r}")
+        return json.loads(body)
+
 
 def envoy_stats(port: int, regex: str | None = None) -> dict[str, int]:
     query = "format=json" + (f"&filter={urllib.parse.quote(regex)}" if regex else "")
@@ -880,6 +1061,12 @@ _SIDECAR_METRICS = {
     "gateway_cache_stores_total": ("response_cache", "stored"),
     "gateway_cache_collapsed_total": ("response_cache", "collapsed"),
     "gateway_cache_errors_total": ("response_cache", "errors"),
+    # the circuit breakers, summed over upstreams (one variant loads at a time)
+    "gateway_circuit_breaker_rejected_total": ("breaker", "rejected"),
+    "gateway_circuit_breaker_failures_total": ("breaker", "failures"),
+    "gateway_circuit_breaker_transitions_total": ("breaker", "transitions"),
+    # entries the AccessLogService counted (Envoy's gRPC access-log stream), summed over its labels
+    "gateway_requests_total": ("access_log", "entries"),
 }
 # the in-process tier's gauges and written bytes (label tier="memory")
 _CACHE_MEMORY_METRICS = {"gateway_cache_stored_bytes": "stored_bytes", "gateway_cache_entries": "entries",
@@ -900,12 +1087,15 @@ def sidecar_counters(port: int) -> dict[str, dict[str, float]]:
     `extproc_auth_cache_total` by result), its rate-limit decisions (`ratelimit`:
     `gateway_ratelimit_decisions_total` summed over rules, by result: ok, local_fallback, ...), its
     response cache's hits, misses, bypasses, stores, collapsed misses and errors (`response_cache`,
-    summed over rules and reasons) and its in-process tier (`cache_memory`: the stored-bytes and
-    entries gauges, the bytes written into it so far)."""
+    summed over rules and reasons), its in-process tier (`cache_memory`: the stored-bytes and
+    entries gauges, the bytes written into it so far), its circuit breakers' rejections, counted
+    failures and transitions (`breaker`, summed over upstreams) and the access-log entries it
+    received (`access_log`: `gateway_requests_total` summed)."""
     status, body = http_get(f"http://127.0.0.1:{port}/metrics")
     if status != 200:
         raise BenchError(f"extproc admin /metrics answered {status}")
-    out: dict[str, dict[str, float]] = {"auth_cache": {}, "ratelimit": {}, "response_cache": {}, "cache_memory": {}}
+    out: dict[str, dict[str, float]] = {"auth_cache": {}, "ratelimit": {}, "response_cache": {}, "cache_memory": {},
+                                        "breaker": {}, "access_log": {}}
     for line in body.decode(errors="replace").splitlines():
         if not line or line.startswith("#"):
             continue
@@ -948,6 +1138,7 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
     jwks_paths = {name: tmp / f"jwks-{name}.json" for name in keys}
     for name, path in jwks_paths.items():
         path.write_text(json.dumps(jwks[name]))
+    admin_token = secrets.token_urlsafe(24)
     lua = tmp / "report.lua"
     lua.write_text(WRK_LUA)
     unique_lua = None
@@ -1005,7 +1196,8 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
                 raise BenchError("the generated sidecar config no longer matches extproc/config.py; "
                                  f"update sidecar_config() in scripts/bench.py:\n{exc}") from None
             sidecars[name] = Proc(name, [str(VENV_BIN / "extproc"), "serve", "--config", str(cfg_path),
-                                         "--log-level", "warning"], tmp)
+                                         "--log-level", "warning"], tmp,
+                                  env={ADMIN_TOKEN_ENV: admin_token} if name == BREAKER_SIDECAR else None)
             started.append(sidecars[name])
         if need_floor:
             floor = Proc("floor", [str(VENV_BIN / "python"), str(ROOT / "scripts" / "bench_floor.py"),
@@ -1032,8 +1224,18 @@ def start_stack(variants: list[Variant], tmp: Path, token_ttl: int,
     stack = Stack(tmp, ports, tokens, envoy, upstream, sidecars, floor, redis, lua, version, redis_version,
                   fresh_lua=fresh_lua, fresh_pool=fresh_pool, fresh_check_token=check_token,
                   fresh_pool_size=fresh_tokens if fresh_variants else 0,
-                  fresh={v.name: FreshSequence(fresh_tokens) for v in fresh_variants}, unique_lua=unique_lua)
+                  fresh={v.name: FreshSequence(fresh_tokens) for v in fresh_variants}, unique_lua=unique_lua,
+                  admin_token=admin_token)
     return stack, started
+
+
+def open_breakers(stack: Stack, variants: list[Variant]) -> None:
+    """Force open, through the admin API, the breaker of every open row's cluster (held open until reset)."""
+    for v in variants:
+        if v.breaker == "open":
+            got = stack.breaker_admin("open", v.cluster)
+            if got.get("state") != "open" or got.get("forced") != "open":
+                raise BenchError(f"{v.name}: forcing breaker {v.cluster} open answered {got}")
 
 
 def verify_cache(stack: Stack, v: Variant) -> list[str]:
@@ -1083,19 +1285,57 @@ def verify_cache(stack: Stack, v: Variant) -> list[str]:
     return problems
 
 
+def verify_breaker(stack: Stack, v: Variant) -> list[str]:
+    """A breaker row is what it claims, seen from the client and from the upstream's count: a closed
+    row's request reaches the upstream and carries no breaker mark; an open row is answered 503 with
+    `x-circuit-breaker: open`, `Retry-After` and the breaker's JSON naming the row's cluster, and the
+    upstream receives nothing (so the attribute or the lean policy did reach the breaker). Rows without
+    a breaker on that route carry no mark either."""
+    if v.cluster not in BREAKER_CLUSTERS:
+        return []
+    problems = []
+    before = stack.upstream_settled()
+    status, headers, body = http_request(stack.url(v), stack.headers(v))
+    upstream = stack.upstream_requests() - before
+    if v.breaker == "open":
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = {}
+        # the ext_proc wiring's body names the upstream in `upstream`, the lean wiring's (an ext_authz denial)
+        # in its `message`
+        names = doc.get("upstream") == v.cluster or f"upstream {v.cluster} " in str(doc.get("message", ""))
+        if (status != 503 or headers.get("x-circuit-breaker") != "open" or "retry-after" not in headers
+                or doc.get("reason") != "circuit_open" or not names or upstream):
+            problems.append(f"{v.name}: expected the open breaker's 503 (x-circuit-breaker: open, Retry-After, reason "
+                            f"circuit_open, upstream {v.cluster}) and no upstream request; got {status}, "
+                            f"x-circuit-breaker {headers.get('x-circuit-breaker')!r}, retry-after "
+                            f"{headers.get('retry-after')!r}, {body[:200]!r}, {upstream} upstream request(s)")
+    elif v.cluster in BREAKER_CLUSTERS and v.sidecar is not None:
+        if status != 200 or "x-circuit-breaker" in headers or upstream != 1:
+            problems.append(f"{v.name}: expected 200 from the upstream without a breaker mark; got {status}, "
+                            f"x-circuit-breaker {headers.get('x-circuit-breaker')!r}, {upstream} upstream request(s)")
+    return problems
+
+
 def verify(stack: Stack, variants: list[Variant]) -> None:
-    """Each variant answers 200 with its token and goes through the filters it claims; a
-    rate-limited variant answers with `x-ratelimit-limit` (its rules applied, charged in its store:
-    Redis holds their keys), every other extproc variant without it; a cache row is a hit, a miss
-    that stores, a bypass, as it claims (verify_cache), and no other row carries X-Cache-Status."""
+    """Each variant answers 200 with its token (an open breaker row: its 503) and goes through the
+    filters it claims; a rate-limited variant answers with `x-ratelimit-limit` (its rules applied,
+    charged in its store: Redis holds their keys), every other extproc variant without it; a cache
+    row is a hit, a miss that stores, a bypass, as it claims (verify_cache), and no other row carries
+    X-Cache-Status; a breaker row is closed or open as it claims (verify_breaker, and the breakers'
+    states from the admin API), and the access logger of a row that has one delivers its entries."""
     before = envoy_stats(stack.ports.envoy_admin)
     limited = {v.name: stack.admin_port(v) for v in variants if v.rate_limited}
     rl_before = {name: sidecar_counters(port)["ratelimit"] for name, port in limited.items() if port}
+    logged = {v.sidecar: stack.admin_port(v) for v in variants if v.access_log}
+    log_before = {name: sidecar_counters(port)["access_log"].get("entries", 0) for name, port in logged.items()
+                  if port}
     problems = []
     for v in variants:
         url = stack.url(v, f"check-{v.name}") if v.unique else stack.url(v)
         status, headers, body = http_request(url, stack.headers(v, stack.check_token(v)))
-        if status != 200:
+        if status != v.expect_status:
             problems.append(f"{v.name}: GET {v.path}{' with the token' if v.token else ''} answered {status}: "
                             f"{body[:200]!r}")
         if v.rate_limited and "x-ratelimit-limit" not in headers:
@@ -1106,6 +1346,7 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
         if v.cache is None and "x-cache-status" in headers:
             problems.append(f"{v.name}: X-Cache-Status {headers['x-cache-status']!r} on a row without a cache")
         problems += verify_cache(stack, v)
+        problems += verify_breaker(stack, v)
         if v.denies_without_token:
             status, body = http_get(stack.url(v))
             if status != 401:
@@ -1115,6 +1356,24 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
             status, body = http_get(stack.url(v), {"Authorization": f"Bearer {stack.tokens['rs256']}"})
             if status != 401:
                 problems.append(f"{v.name}: an RS256 token answered {status}, expected 401 (ES256 only)")
+    if BREAKER_SIDECAR in stack.sidecars and any(v.breaker for v in variants):
+        states = {b["upstream"]: b for b in stack.breaker_admin("list")["breakers"]}
+        for v in variants:
+            b = states.get(v.cluster) if v.breaker else None
+            if v.breaker and (b is None or b["state"] != v.breaker
+                              or (b["forced"] == "open") != (v.breaker == "open")):
+                problems.append(f"{v.name}: breaker {v.cluster} is {b and (b['state'], b['forced'])}, expected "
+                                f"{v.breaker}")
+    if logged:
+        time.sleep(ACCESS_LOG_DRAIN_S)      # the logger flushes every ACCESS_LOG_FLUSH_S
+        for name, port in logged.items():
+            if port is None:
+                continue
+            got = sidecar_counters(port)["access_log"].get("entries", 0) - log_before[name]
+            want = 2 * sum(1 for v in variants if v.access_log and v.sidecar == name)    # 2 requests each above
+            if got < want:
+                problems.append(f"{name}: {got:.0f} access-log entries arrived for {want} requests through its "
+                                "listeners with the gRPC access logger (gateway_requests_total)")
     after = envoy_stats(stack.ports.envoy_admin)
 
     def grew(name: str) -> bool:
@@ -1127,7 +1386,8 @@ def verify(stack: Stack, variants: list[Variant]) -> None:
         if _uses_local_rl(v):
             expect.append(f"{_rl_prefix(v)}.http_local_rate_limit.ok")
         if "authz" in v.filters:
-            expect.append(f"http.{v.name}.ext_authz.ok")
+            # the lean open row's Check denies (the breaker's 503)
+            expect.append(f"http.{v.name}.ext_authz.{'denied' if v.expect_status != 200 else 'ok'}")
         if "ext_proc" in v.filters:
             expect.append(f"http.{v.name}.ext_proc.streams_started")
         for stat in expect:
@@ -1283,8 +1543,12 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     admin = stack.admin_port(v)
     cached = admin is not None and "authz" in v.filters
     rcached = admin is not None and v.cache is not None         # the response cache's counters
-    sc0 = sidecar_counters(admin) if cached or rcached else {}
-    up0 = stack.upstream_requests() if v.cache else None
+    bcounted = admin is not None and (v.breaker is not None or v.access_log)   # breakers', access log's
+    scraped = cached or rcached or bcounted
+    sc0 = sidecar_counters(admin) if scraped else {}
+    # settled: a previous load's requests still in flight must not count here (a hit row, an open breaker: 0)
+    counted = bool(v.cache) or v.cluster in BREAKER_CLUSTERS
+    up0 = stack.upstream_settled() if counted else None
     jc_regex = rf"^http\.{v.name}\.jwt_authn\.jwt_cache_(hit|miss)$"
     jc0 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     ev0 = event_stats(stack, v)
@@ -1292,10 +1556,14 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     cpu0 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
     with sampler or contextlib.nullcontext():
         res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk.log")
+    if v.access_log:
+        # the logger's last batch (and its processing in the sidecar) belongs to this load: wait for the
+        # flush inside the CPU window (warm() waited too, so the warm-up's entries fell before it)
+        time.sleep(ACCESS_LOG_DRAIN_S)
     cpu1 = {name: cpu_seconds(proc.pid) for name, proc in watched.items() if proc is not None}
     ev1 = event_stats(stack, v)
-    sc1 = sidecar_counters(admin) if cached or rcached else {}
-    up1 = stack.upstream_requests() if v.cache else None
+    sc1 = sidecar_counters(admin) if scraped else {}
+    up1 = stack.upstream_settled() if counted else None
     jc1 = envoy_stats(stack.ports.envoy_admin, jc_regex) if "native" in v.filters else {}
     events = {k: n - ev0.get(k, 0) for k, n in sorted(ev1.items()) if n - ev0.get(k, 0)}
     per_req = {name: ((cpu1[name] - cpu0[name]) * 1e6 / res.requests if res.requests else None) for name in cpu0}
@@ -1304,12 +1572,19 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         new, old = sc1.get(kind, {}), sc0.get(kind, {})
         return {k: int(new.get(k, 0) - old.get(k, 0)) for k in (keys or sorted(new))
                 if keys or new.get(k, 0) - old.get(k, 0)}
+    errors = res.error_count
+    if v.expect_status >= 400:
+        # wrk counts every status >= 400 as an error: here those are the expected answers (the open
+        # breaker's 503, checked by verify_breaker and the breaker's rejection count); an error is a
+        # socket error or a response that was not one of them
+        errors = errors - res.errors["status"] + max(0, res.requests - res.errors["status"])
     row: dict[str, Any] = {
         "variant": v.name, "concurrency": conns, "threads": threads,
         "requests": res.requests, "seconds": round(res.seconds, 3), "rps": round(res.rps, 1),
         "p50_ms": round(res.p50_ms, 3), "p90_ms": round(res.p90_ms, 3), "p99_ms": round(res.p99_ms, 3),
-        "errors": res.errors, "error_count": res.error_count,
-        "error_ratio": round(res.error_count / res.requests, 5) if res.requests else 1.0,
+        "errors": res.errors, "error_count": errors,
+        "error_ratio": round(errors / res.requests, 5) if res.requests else 1.0,
+        "expect_status": v.expect_status,
         "cpu_us_per_request": _r(per_req.get("sidecar")),
         "envoy_cpu_us_per_request": _r(per_req.get("envoy")),
         "upstream_cpu_us_per_request": _r(per_req.get("upstream")),
@@ -1335,6 +1610,10 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         "upstream_requests": None if up0 is None or up1 is None else up1 - up0,
         "keys": sum(res.keys_used) if res.keys_used is not None else None,
         "cache_memory": None,
+        # the breaker rows: rejections (an open row: one per request), failures counted, transitions
+        "breaker": delta("breaker", ("rejected", "failures", "transitions")) if bcounted and v.breaker else None,
+        # the rows with the gRPC access logger: entries the sidecar received for this load (>= requests)
+        "access_log": (delta("access_log", ("entries",))["entries"] if bcounted and v.access_log else None),
     }
     if rcached:
         mem1, mem0 = sc1.get("cache_memory", {}), sc0.get("cache_memory", {})
@@ -1362,6 +1641,8 @@ def warm(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: 
         res = run_wrk(stack, v, conns, threads, seconds, pin, stack.tmp / "wrk-warmup.log")
         if res.tokens_used is not None:
             stack.fresh[v.name].advance(res.tokens_used)      # warm-up tokens count as seen
+        if v.access_log:
+            time.sleep(ACCESS_LOG_DRAIN_S)      # the warm-up's last access-log batch, before the measured window
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -1406,6 +1687,11 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
             s["response_cache"] = {k: sum(c[k] for c in rcs) for k in rcs[0]} if rcs else None
             ups = [r["upstream_requests"] for r in mine if r.get("upstream_requests") is not None]
             s["upstream_requests"] = sum(ups) if ups else None
+            brs = [r["breaker"] for r in mine if r.get("breaker") is not None]
+            s["breaker"] = {k: sum(b[k] for b in brs) for k in brs[0]} if brs else None
+            logs = [r["access_log"] for r in mine if r.get("access_log") is not None]
+            s["access_log"] = sum(logs) if logs else None
+            s["expect_status"] = v.expect_status
             mems = [r["cache_memory"] for r in mine if r.get("cache_memory") is not None]
             s["cache_memory"] = ({"bound": mems[0]["bound"],
                                   "stored_bytes_max": max(m["stored_bytes_max"] for m in mems),
@@ -1500,6 +1786,8 @@ def token_notes(summary: list[dict]) -> str:
     lines = []
     for s in summary:
         t, ac, jc = s.get("tokens"), s.get("auth_cache"), s.get("jwt_cache")
+        if ac is not None and not BY_NAME[s["variant"]].token and not (ac["hit"] or ac["miss"]):
+            ac = None       # no token, no credential: the decision cache is not involved
         if t is None and ac is None and jc is None:
             continue
         text = f"  {s['variant']} c={s['concurrency']}: {s['requests']:,} requests"
@@ -1705,6 +1993,169 @@ def cache_block(summary: list[dict], verdicts: dict) -> str:
     return "\n".join(out)
 
 
+def _pct(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(100.0 * a / b, 1)
+
+
+def breaker_verdicts(summary: list[dict], trips: list[dict] | None = None) -> dict:
+    """What a closed breaker adds to the same route without it (BREAKER_COMPARISONS: the whole cost
+    per wiring, read against the seed's < 1 ms, and its parts), and what a rejection while open costs
+    against the proxied request on the same route (FAIL_FAST), per concurrency, from the medians."""
+    med = {(s["variant"], s["concurrency"]): s for s in summary}
+    out: dict[str, Any] = {"target_ms": BREAKER_TARGET_MS, "closed": [], "open": [], "trip": trips or []}
+    for conns, _ in CONCURRENCY:
+        for row, base, what, target in BREAKER_COMPARISONS:
+            a, b = med.get((row, conns)), med.get((base, conns))
+            if a is None or b is None:
+                continue
+            d = {"variant": row, "against": base, "what": what, "concurrency": conns,
+                 "p50_ms": _diff(a["p50_ms"], b["p50_ms"], 3), "p99_ms": _diff(a["p99_ms"], b["p99_ms"], 3),
+                 "side_us": _diff(a["cpu_us_per_request"], b["cpu_us_per_request"], 1),
+                 "envoy_us": _diff(a["envoy_cpu_us_per_request"], b["envoy_cpu_us_per_request"], 1),
+                 "total_us": _diff(_total(a), _total(b), 1), "pct_rps": _pct(a["rps"], b["rps"]),
+                 "cpu_of_floor": a["cpu_of_floor"], "pct_of_floor": a["pct_of_floor"], "floor": a["floor_variant"],
+                 "target": target}
+            d["under_target"] = (None if not target or d["p50_ms"] is None else d["p50_ms"] < BREAKER_TARGET_MS)
+            out["closed"].append(d)
+        for row, base in FAIL_FAST:
+            o, c = med.get((row, conns)), med.get((base, conns))
+            if o is None or c is None:
+                continue
+            br = o.get("breaker") or {}
+            d = {"variant": row, "against": base, "concurrency": conns,
+                 "rps": o["rps"], "rps_proxied": c["rps"], "pct_rps": _pct(o["rps"], c["rps"]),
+                 "p50_ms": o["p50_ms"], "p50_proxied_ms": c["p50_ms"],
+                 "side_us": o["cpu_us_per_request"], "side_proxied_us": c["cpu_us_per_request"],
+                 "envoy_us": o["envoy_cpu_us_per_request"], "envoy_proxied_us": c["envoy_cpu_us_per_request"],
+                 "total_us": _total(o), "total_proxied_us": _total(c),
+                 "requests": o["requests"], "rejected": br.get("rejected"), "failures_counted": br.get("failures"),
+                 "upstream_requests": o.get("upstream_requests")}
+            d["cheaper_cpu"] = _lt(d["total_us"], d["total_proxied_us"])
+            d["faster_p50"] = _lt(d["p50_ms"], d["p50_proxied_ms"])
+            d["more_rps"] = _lt(d["rps_proxied"], d["rps"])
+            # every request answered by the breaker, none reached the upstream
+            d["all_rejected"] = (d["rejected"] is not None and d["rejected"] >= d["requests"]
+                                 and d["upstream_requests"] == 0)
+            out["open"].append(d)
+    return out
+
+
+def breaker_block(verdicts: dict) -> str:
+    """The circuit-breaker rows against the same route without a breaker, the open rows against the
+    proxied request, and the trip test. Empty when neither ran."""
+    if not verdicts["closed"] and not verdicts["open"] and not verdicts["trip"]:
+        return ""
+    out = [f"circuit breaker (medians over rounds; GET {BREAKER_PATH}, no token, auth none; the breakers on "
+           f"{BREAKER_SIDECAR}, in-memory store; the rows without one on extproc, the same route and cluster):"]
+    if verdicts["closed"]:
+        head = ("row", "c", "against", "Δp50 ms", "Δp99 ms", "Δside µs/req", "Δenvoy µs/req", "Δside+envoy",
+                "RPS vs", "cpu/floor", f"p50 +<{BREAKER_TARGET_MS:g} ms", "what")
+        lines = []
+        for d in verdicts["closed"]:
+            v = BY_NAME[d["variant"]]
+            lines.append((f"{d['variant']} ({v.letter})", str(d["concurrency"]),
+                          f"{d['against']} ({BY_NAME[d['against']].letter})", _fmt(d["p50_ms"], "+.2f"),
+                          _fmt(d["p99_ms"], "+.2f"), _fmt(d["side_us"], "+,.0f"), _fmt(d["envoy_us"], "+,.0f"),
+                          _fmt(d["total_us"], "+,.0f"), _fmt(d["pct_rps"], ".1f", "%"),
+                          _fmt(d["cpu_of_floor"], ".2f", "x") if d["target"] else "",
+                          _yes(d["under_target"]) if d["target"] else "", d["what"]))
+        out += _grid(head, lines, left=(0, 2, 11))
+    if verdicts["open"]:
+        out.append("")
+        out.append("fail-fast while open (forced open through the admin API) against the proxied request on the "
+                   "same route (the closed row):")
+        head = ("open row", "c", "RPS open/proxied", "p50 ms open/proxied", "side µs open/proxied",
+                "envoy µs open/proxied", "side+envoy", "cheaper", "upstream req", "rejected", "failures counted")
+        lines = []
+        for d in verdicts["open"]:
+            v = BY_NAME[d["variant"]]
+            verdict = "/".join(_yes(d[k]) for k in ("cheaper_cpu", "faster_p50", "more_rps"))
+            lines.append((f"{d['variant']} ({v.letter})", str(d["concurrency"]),
+                          f"{_fmt(d['rps'], ',.0f')} / {_fmt(d['rps_proxied'], ',.0f')}",
+                          f"{_fmt(d['p50_ms'], '.2f')} / {_fmt(d['p50_proxied_ms'], '.2f')}",
+                          f"{_fmt(d['side_us'], ',.0f')} / {_fmt(d['side_proxied_us'], ',.0f')}",
+                          f"{_fmt(d['envoy_us'], ',.0f')} / {_fmt(d['envoy_proxied_us'], ',.0f')}",
+                          f"{_fmt(d['total_us'], ',.0f')} / {_fmt(d['total_proxied_us'], ',.0f')}", verdict,
+                          _fmt(d["upstream_requests"], ",.0f"), _fmt(d["rejected"], ",.0f"),
+                          _fmt(d["failures_counted"], ",.0f")))
+        out += _grid(head, lines)
+        out.append("  cheaper: yes/no for CPU (side+envoy) / p50 / RPS against the proxied row")
+        bad = [f"{d['variant']} c={d['concurrency']}" for d in verdicts["open"] if not d["all_rejected"]]
+        if bad:
+            out.append("!! open rows where a request reached the upstream or was not rejected by the breaker: "
+                       + ", ".join(bad))
+        counted = [f"{d['variant']} c={d['concurrency']}: {d['failures_counted']:,}" for d in verdicts["open"]
+                   if d["failures_counted"]]
+        if counted:
+            out.append("!! failures counted while open (the breaker's own 503s, from the access log): "
+                       + ", ".join(counted))
+    if verdicts["trip"]:
+        out.append("")
+        out.append(f"trip test (after the loads: GET {TRIP_PATH} through the closed rows' listeners, the upstream "
+                   "answering 500, until the breaker answers; threshold: consecutive failures; then reset):")
+        head = ("wiring", "c", "threshold", "failures that reached the upstream", "breaker opened after",
+                "failures counted", "transitions", "state after")
+        lines = [(d["wiring"], str(d["concurrency"]), str(d["threshold"]), f"{d['upstream_requests']:,}",
+                  "never" if d["open_after_ms"] is None else f"{d['open_after_ms']:.0f} ms",
+                  _fmt(d["failures_counted"], ",.0f"), _fmt(d["transitions"], ",.0f"), d["state_after"])
+                 for d in verdicts["trip"]]
+        out += _grid(head, lines, left=(0, 7))
+    return "\n".join(out)
+
+
+def trip_test(stack: Stack, v: Variant, conns: int) -> dict:
+    """How many failing requests reach the upstream before the breaker of a closed row opens: `conns`
+    threads send GET TRIP_PATH (the upstream answers 500) on keep-alive connections until one sees the
+    breaker's 503, or TRIP_LIMIT_S; the upstream's count says how many got through. The breaker is reset
+    before and after. The ext_proc wiring counts each failure in its stream; the lean wiring when Envoy's
+    access logger flushes (ACCESS_LOG_FLUSH_S, or a full buffer)."""
+    import http.client
+
+    port = stack.ports.listeners[v.name]
+    admin = stack.admin_port(v)
+    assert admin is not None
+    stack.breaker_admin("reset", v.cluster)
+    time.sleep(ACCESS_LOG_DRAIN_S if v.access_log else 0.0)    # earlier entries out of the way
+    sc0 = sidecar_counters(admin)["breaker"]
+    up0 = stack.upstream_settled()
+    opened = threading.Event()
+    first_open: list[float] = []
+    start = time.monotonic()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            while not opened.is_set() and time.monotonic() - start < TRIP_LIMIT_S:
+                conn.request("GET", TRIP_PATH)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 503 and resp.getheader("x-circuit-breaker") == "open":
+                    first_open.append(time.monotonic() - start)
+                    opened.set()
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, name=f"trip-{i}", daemon=True) for i in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TRIP_LIMIT_S + 5)
+    up = stack.upstream_settled() - up0
+    if v.access_log:
+        time.sleep(ACCESS_LOG_DRAIN_S)      # the burst's entries: what the lean breaker counted of it
+    sc1 = sidecar_counters(admin)["breaker"]
+    state = next((b for b in stack.breaker_admin("list")["breakers"] if b["upstream"] == v.cluster), {})
+    stack.breaker_admin("reset", v.cluster)
+    return {"variant": v.name, "wiring": v.wiring, "concurrency": conns,
+            "threshold": BREAKERS[v.cluster]["consecutive_failures"], "upstream_requests": up,
+            "open_after_ms": round(min(first_open) * 1000, 1) if first_open else None,
+            "failures_counted": int(sc1.get("failures", 0) - sc0.get("failures", 0)),
+            "transitions": int(sc1.get("transitions", 0) - sc0.get("transitions", 0)),
+            "state_after": f"{state.get('state')}" + (f" (forced {state['forced']})" if state.get("forced") else "")}
+
+
 def by_concurrency(summary: list[dict]) -> list[dict]:
     return sorted(summary, key=lambda s: s["concurrency"])   # stable: variant order kept within c
 
@@ -1820,6 +2271,12 @@ def main(argv: list[str] | None = None) -> int:
                        "memory_max_bytes": {k: n for k, n in CACHE_SIDECARS.items()
                                             if any(v.sidecar == k for v in variants)}}
                       if any(v.cache for v in variants) else None),
+            "breakers": ({"target": f"GET {BREAKER_PATH} without a token (auth none), the rows with and without a "
+                                    "breaker on the same route and cluster", "sidecar": BREAKER_SIDECAR,
+                          "upstreams": BREAKERS, "access_log_flush_s": ACCESS_LOG_FLUSH_S,
+                          "access_log_drain_s": ACCESS_LOG_DRAIN_S, "target_ms": BREAKER_TARGET_MS,
+                          "forced_open": sorted({v.cluster for v in variants if v.breaker == "open"})}
+                         if any(v.cluster in BREAKER_CLUSTERS for v in variants) else None),
             "python": platform.python_version(), "clk_tck": CLK_TCK,
         }
         print(f"extproc bench  {meta['date']}")
@@ -1832,12 +2289,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: {meta['target']}")
         if meta["cache"]:
             print(f"cache rows: {meta['cache']['target']}")
+        if meta["breakers"]:
+            print(f"breaker rows: {meta['breakers']['target']}; forced open: "
+                  f"{', '.join(meta['breakers']['forced_open']) or 'none'}")
         print(f"variants: {', '.join(v.name for v in variants)}")
         if stack.redis is not None:
             print(f"redis: redis-server {stack.redis_version} on 127.0.0.1:{stack.ports.redis} (PID {stack.redis.pid}), "
                   f"no persistence, for extproc_ratelimit_redis; store_timeout_ms {args.store_timeout_ms}")
         print(f"expected total: about {expected:.0f} s ({loads} loads of {per_load} s + start-up)", flush=True)
 
+        open_breakers(stack, variants)
         verify(stack, variants)
         rows: list[dict] = []
         for rnd in range(args.rounds):
@@ -1850,6 +2311,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     flag = "  !! >1% errors" if row["error_ratio"] > ERROR_FLAG_RATIO else ""
                     errs = ", ".join(f"{k} {n}" for k, n in row["errors"].items() if n) or "none"
+                    if v.expect_status != 200:
+                        errs = (f"{row['error_count']} (expected: {row['errors']['status']:,} x "
+                                f"{v.expect_status}, the open breaker's answer)")
                     print(f"  round {rnd + 1} c={conns:<2} {v.name:<25} {row['rps']:>9,.0f} rps  "
                           f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors: {errs}{flag}",
                           flush=True)
@@ -1862,6 +2326,15 @@ def main(argv: list[str] | None = None) -> int:
             limited = sum(stats.get(f"{_rl_prefix(v)}.http_local_rate_limit.rate_limited", 0) for v in natives)
             if limited:
                 print(f"warning: local_ratelimit rejected {limited} requests (bucket too small?)")
+        trips = []
+        for v in variants:
+            if v.breaker == "closed":
+                for conns, _ in CONCURRENCY:
+                    trips.append(trip_test(stack, v, conns))
+                    t = trips[-1]
+                    print(f"  trip test {v.wiring:<8} c={conns:<2} {t['upstream_requests']:>5} failures reached the "
+                          f"upstream, breaker open after "
+                          + ("never" if t["open_after_ms"] is None else f"{t['open_after_ms']:.0f} ms"), flush=True)
         meta["loadavg_after"] = os.getloadavg()
         summary = by_concurrency(summarize(rows, variants))
         print()
@@ -1874,6 +2347,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + block)
         verdicts = cache_verdicts(summary)
         block = cache_block(summary, verdicts)
+        if block:
+            print("\n" + block)
+        bverdicts = breaker_verdicts(summary, trips)
+        block = breaker_block(bverdicts)
         if block:
             print("\n" + block)
         notes = token_notes(summary)
@@ -1896,9 +2373,13 @@ def main(argv: list[str] | None = None) -> int:
                                                         "ratelimit_store": SIDECARS.get(v.sidecar or ""),
                                                         "path": v.path, "token": v.token, "unique_keys": v.unique,
                                                         "headers": dict(v.headers), "cache": v.cache,
-                                                        "plain": v.plain, "upstream_ms": v.upstream_ms}
+                                                        "plain": v.plain, "upstream_ms": v.upstream_ms,
+                                                        "cluster": v.cluster, "attributes": v.attributes,
+                                                        "access_log": v.access_log, "breaker": v.breaker,
+                                                        "wiring": v.wiring, "expect_status": v.expect_status}
                                               for v in variants},
                    "summary": summary, "cache": verdicts if any(v.cache for v in variants) else None,
+                   "breaker": bverdicts if any(v.breaker for v in variants) else None,
                    "runs": rows}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -21,7 +21,10 @@ a probe whose client went away (neither: its slot is freed).
 Forcing (the admin API): `force_open` holds the breaker open until `reset`; `force_close`
 holds it closed (nothing trips) until `reset`; `reset` clears the force and closes.
 
-The record: s (state), t (opened at, ms), c (consecutive failures), p (probes in flight),
+A probe whose outcome never comes (its replica died, its log entry was lost) would hold its slot
+forever; slots all claimed longer than `open_ms` ago are freed by the next `acquire`.
+
+The record: s (state), t (opened at, ms; in HALF_OPEN the last probe claim), c (consecutive failures), p (probes in flight),
 k (probe successes), v (version: +1 on every transition, so replicas order what they hear),
 f (forced: 0 none, 1 open, 2 closed), w (failure times within the window, oldest first).
 """
@@ -120,14 +123,17 @@ def step(rec: dict, op: str, now_ms: int, p: Params) -> Result:
             outcome = ALLOW
     elif op == "acquire":
         if s == OPEN and now_ms >= t + p.open_ms:
-            s, pr, k = HALF_OPEN, 0, 0
+            s, pr, k, t = HALF_OPEN, 0, 0, now_ms
             v += 1
+        elif s == HALF_OPEN and pr >= p.probes and now_ms >= t + p.open_ms:
+            pr = 0          # probes claimed an open duration ago never reported: their slots are lost, free them
         if s == CLOSED:
             outcome = ALLOW
         elif s == OPEN:
             outcome, retry = REJECT, t + p.open_ms - now_ms
         elif pr < p.probes:
             pr += 1
+            t = now_ms      # in HALF_OPEN, t is the last probe claim
             outcome = PROBE
         else:
             outcome, retry = REJECT, 1000

@@ -61,6 +61,11 @@ class CompiledPolicy:
     def providers(self) -> tuple[str, ...]:
         return self.all_of or self.any_of
 
+    @property
+    def public_metadata(self) -> dict[str, str]:
+        """What an allowed anonymous request tells the access log (its policy)."""
+        return {"policy": self.name}
+
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
@@ -198,7 +203,7 @@ def allow_granted(policy: CompiledPolicy, g: Granted, rule: str = "",
 
 def allow_public(policy: CompiledPolicy, policies: PolicySet, rule: str = "") -> Decision:
     return Decision(True, Reason.PUBLIC, remove_headers=policies.strip_headers, policy=policy.name, rule=rule,
-                    principal=ANONYMOUS)
+                    principal=ANONYMOUS, metadata=policy.public_metadata)
 
 
 def shadowed(policy: CompiledPolicy, policies: PolicySet, d: Decision) -> Decision:

@@ -48,35 +48,33 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self._breakers = breakers_ref          # () -> Breakers | None
 
     async def StreamAccessLogs(self, request_iterator, context):
-        entries = 0
-        try:
-            async for message in request_iterator:
-                if not message.HasField("http_logs"):
-                    continue
-                breakers = self._breakers()
-                label = self._runtime().policy_label
-                lean = breakers.lean_upstreams() if breakers is not None else frozenset()
-                for entry in message.http_logs.log_entry:
-                    entries += 1
-                    common = entry.common_properties
-                    route = "none"
-                    fm = common.metadata.filter_metadata
-                    if _AUTHZ in fm:
-                        fields = fm[_AUTHZ].fields
-                        if "policy" in fields and fields["policy"].string_value:
-                            route = label(fields["policy"].string_value)   # a configured name or "unknown"
-                    code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
-                    method = _METHODS.get(entry.request.request_method, "OTHER")
-                    duration = _seconds(common.duration) if common.HasField("duration") else \
-                        _seconds(common.time_to_last_downstream_tx_byte)
-                    metrics.child(metrics.REQUESTS, route, method, str(code)).inc()
-                    metrics.child(metrics.REQUEST_SECONDS, route).observe(duration)
-                    if common.upstream_cluster in lean:
-                        await breakers.record_logged(common.upstream_cluster, entry.request.request_id, code,
-                                                     _seconds(common.time_to_last_upstream_rx_byte)
-                                                     if common.HasField("time_to_last_upstream_rx_byte") else duration,
-                                                     aborted=code == 0 or
-                                                     common.response_flags.downstream_connection_termination)
-        finally:
-            metrics.ACCESS_LOG_ENTRIES.inc(entries)
+        async for message in request_iterator:
+            if not message.HasField("http_logs"):
+                continue
+            breakers = self._breakers()
+            label = self._runtime().policy_label
+            lean = breakers.lean_upstreams() if breakers is not None else frozenset()
+            metrics.ACCESS_LOG_ENTRIES.inc(len(message.http_logs.log_entry))
+            for entry in message.http_logs.log_entry:
+                common = entry.common_properties
+                route = "none"
+                probe = False
+                fm = common.metadata.filter_metadata
+                if _AUTHZ in fm:
+                    fields = fm[_AUTHZ].fields
+                    if "policy" in fields and fields["policy"].string_value:
+                        route = label(fields["policy"].string_value)   # a configured name or "unknown"
+                    probe = "breaker_probe" in fields
+                code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+                method = _METHODS.get(entry.request.request_method, "OTHER")
+                duration = _seconds(common.duration) if common.HasField("duration") else \
+                    _seconds(common.time_to_last_downstream_tx_byte)
+                metrics.child(metrics.REQUESTS, route, method, str(code)).inc()
+                metrics.child(metrics.REQUEST_SECONDS, route).observe(duration)
+                if common.upstream_cluster in lean:
+                    await breakers.record_logged(common.upstream_cluster, probe, code,
+                                                 _seconds(common.time_to_last_upstream_rx_byte)
+                                                 if common.HasField("time_to_last_upstream_rx_byte") else duration,
+                                                 aborted=code == 0 or
+                                                 common.response_flags.downstream_connection_termination)
         return als_pb2.StreamAccessLogsResponse()

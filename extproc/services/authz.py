@@ -9,6 +9,8 @@ body the client should see. Internal failures become gRPC UNAVAILABLE so Envoy's
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 
@@ -113,7 +115,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             return decision
         adm = await breakers.admit(spec)
         if adm.probe:
-            breakers.hold_probe(request_id, adm)
+            # the access-log entry carries this back to whichever worker receives it
+            return dataclasses.replace(decision, metadata={**decision.metadata, "breaker_probe": spec.name})
         if not adm.rejected:
             return decision
         marks = (("retry-after", str(adm.retry_after_s)), ("x-circuit-breaker", "open"))
@@ -122,8 +125,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             return Decision(False, Reason.CIRCUIT_OPEN, status=fb.status, policy=policy, rule=f"breaker:{spec.name}",
                             headers=(("content-type", fb.content_type), *marks,
                                      *((k.lower(), v) for k, v in fb.headers.items())), body=fb.body.encode())
-        return deny(503, Reason.CIRCUIT_OPEN, f"upstream {spec.name} is unavailable (circuit open)",
-                    policy=policy, rule=f"breaker:{spec.name}", headers=marks)
+        body = json.dumps({"error": "upstream_unavailable", "reason": "circuit_open", "upstream": spec.name,
+                           "retry_after": adm.retry_after_s}, separators=(",", ":")).encode()
+        return Decision(False, Reason.CIRCUIT_OPEN, status=503, policy=policy, rule=f"breaker:{spec.name}",
+                        headers=(("content-type", "application/json"), *marks), body=body)
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         self.in_flight += 1          # read by the worker's sampler (no metric call per request)

@@ -42,7 +42,6 @@ from ..telemetry import metrics
 log = logging.getLogger("extproc.breaker")
 CHANNEL = "events"
 RECORD_TTL_MS = 7 * 24 * 3600 * 1000
-MAX_PENDING_PROBES = 10_000
 
 
 @dataclass(slots=True)
@@ -135,7 +134,6 @@ class Breakers:
         self._degraded_logged = False
         self._background: set[asyncio.Task[None]] = set()
         self.last_shared = True
-        self._probes: dict[str, Admission] = {}
 
     def reconfigure(self, cfg: cfgmod.CircuitBreakers) -> None:
         self.cfg = cfg
@@ -235,25 +233,15 @@ class Breakers:
     def lean_upstreams(self) -> frozenset[str]:
         return self._lean
 
-    def hold_probe(self, request_id: str, adm: Admission) -> None:
-        """Lean wiring: a probe admitted in ext_authz, matched to its access-log entry later."""
-        if len(self._probes) >= MAX_PENDING_PROBES:
-            # entries that never came (Envoy dropped them): the oldest slots are given back
-            old_id, old = next(iter(self._probes.items()))
-            del self._probes[old_id]
-            self.abandon(old)
-        self._probes[request_id] = adm
-
-    async def record_logged(self, upstream: str, request_id: str, status: int, seconds: float,
+    async def record_logged(self, upstream: str, probe: bool, status: int, seconds: float,
                             aborted: bool) -> None:
-        """Lean wiring: one finished request to `upstream`, from Envoy's access log."""
+        """Lean wiring: one finished request to `upstream`, from Envoy's access log; `probe` is the
+        flag ext_authz put in the request's dynamic metadata when it admitted it as a half-open
+        probe (so whichever worker receives the entry settles the probe)."""
         spec = self.specs.get(upstream)
         if spec is None or not spec.lean:
             return
-        adm = self._probes.pop(request_id, None) if request_id else None
-        if adm is None:
-            adm = Admission(spec)
-        await self.record(adm, None if aborted else status, seconds)
+        await self.record(Admission(spec, probe=probe), None if aborted else status, seconds)
 
     async def admit(self, spec: Spec) -> Admission:
         view = self.views.get(spec.name) or View()

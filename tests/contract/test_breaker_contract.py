@@ -135,3 +135,18 @@ def test_a_key_of_another_type_is_refused(store: Store, keys: KeySpace, run) -> 
             await store.breaker(k, "read", WEBSHOP, T0, TTL)
 
     run(body())
+
+
+def test_probe_slots_never_reported_are_freed_after_an_open_duration(store: Store, keys: KeySpace, run) -> None:
+    async def body() -> None:
+        k = keys.key("br", "lost-probes")
+        await store.breaker(k, "trip", WEBSHOP, T0, TTL)
+        t = T0 + 30_000
+        claims = [(await store.breaker(k, "acquire", WEBSHOP, t, TTL)).outcome for _ in range(3)]
+        assert claims == [br.PROBE] * 3                       # their replicas die: no outcome ever comes
+        assert (await store.breaker(k, "acquire", WEBSHOP, t + 29_999, TTL)).outcome == br.REJECT
+        assert (await store.breaker(k, "acquire", WEBSHOP, t + 30_000, TTL)).outcome == br.PROBE
+        r = await store.breaker(k, "read", WEBSHOP, t + 30_000, TTL)
+        assert r.state == br.HALF_OPEN
+
+    run(body())

@@ -6,7 +6,11 @@ while the repeat-token variant is served from that cache, that the Redis rate-li
 charges both its rules in Redis on every request (never the local fallback) and measures Redis' CPU,
 and that the response-cache rows are what they claim: the hit row never reaches the upstream, the
 miss row stores a new key on every request, the bypass row never stores, Envoy's cache filter
-answers its row, and the LRU row evicts within its byte bound.
+answers its row, and the LRU row evicts within its byte bound; and that the circuit-breaker rows
+are what they claim: a closed breaker lets every request through and counts nothing, a breaker
+forced open answers every request itself (its 503, not counted as an error) with nothing reaching
+the upstream, the access logger delivers an entry per request, and the trip test opens each
+wiring's breaker (the ext_proc wiring after exactly its threshold at c=1).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 90
+TIMEOUT_S = 120
 
 
 @pytest.mark.e2e
@@ -31,7 +35,11 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
         pytest.fail("wrk is not installed: run ./scripts/setup --system (it installs wrk)")
     out = tmp_path / "bench.json"
     variants = {"plain", "extproc_authz", "extproc_authz_fresh", "extproc_ratelimit_redis",
-                "extproc_cache_hit", "extproc_cache_miss", "extproc_cache_bypass", "extproc_cache_lru", "native_cache"}
+                "extproc_cache_hit", "extproc_cache_miss", "extproc_cache_bypass", "extproc_cache_lru", "native_cache",
+                # the circuit-breaker rows and the rows they are compared with (not the floor's x nor the
+                # attribute-only z: the smoke test stays within a minute)
+                "extproc_ext_proc_delay", "extproc_breaker_ext_proc", "extproc_breaker_ext_proc_open",
+                "extproc_authz_delay", "extproc_authz_accesslog", "extproc_breaker_lean", "extproc_breaker_lean_open"}
     argv = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--variants", ",".join(sorted(variants)),
             "--duration", "1", "--fresh-tokens", "5000", "--json", str(out),
             # the smoke test proves the wiring (Redis decides every request), not the timing: on two shared
@@ -57,10 +65,10 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
     assert {v for v, _ in rows} == variants, text
     for (variant, conns), s in rows.items():
         assert s["rps"] > 0, f"{variant} c={conns}: no requests completed\n{text}"
-        if variant.startswith("extproc_"):
+        if variant.startswith(("extproc_", "floor_")):
             assert s["cpu_us_per_request"] is not None and s["cpu_us_per_request"] > 0, (
                 f"{variant} c={conns}: sidecar CPU not measured\n{text}")
-            if "authz" in doc["variants"][variant]["filters"]:
+            if "authz" in doc["variants"][variant]["filters"] and variant.startswith("extproc_"):
                 assert s["auth_cache"] is not None, f"{variant} c={conns}: decision cache not read\n{text}"
         else:
             assert s["cpu_us_per_request"] is None
@@ -118,3 +126,35 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
         # read, not asserted: the verdicts exist for every concurrency of the 0 ms route
         assert entry["upstream_ms"] == 0 and entry["hit_cheaper_than_miss"] is not None, text
     assert doc["meta"]["envoy_version"] and doc["meta"]["pinning"] and doc["meta"]["redis_version"]
+
+    breakers = doc["breaker"]
+    for conns in (1, 32):
+        for wiring in ("ext_proc", "lean"):
+            closed, opened = rows[(f"extproc_breaker_{wiring}", conns)], rows[(f"extproc_breaker_{wiring}_open", conns)]
+            # closed: every request went through, nothing counted against the upstream
+            assert closed["breaker"] == {"rejected": 0, "failures": 0, "transitions": 0}, f"{wiring}: {closed}\n{text}"
+            assert closed["upstream_requests"] >= closed["requests"] and not closed["flagged"], (
+                f"c={conns} {wiring}: closed row: {closed['upstream_requests']} upstream requests for "
+                f"{closed['requests']} requests, errors {closed['errors']}, events {closed.get('envoy_events')}\n{text}")
+            # open: every request answered by the breaker (a 503 the bench expects), none reached the upstream
+            assert opened["breaker"]["rejected"] >= opened["requests"] and opened["upstream_requests"] == 0, (
+                f"c={conns} {wiring}: open row {opened['breaker']}, {opened['upstream_requests']} upstream\n{text}")
+            assert opened["errors"]["status"] == opened["requests"] and opened["error_count"] == 0, (
+                f"c={conns} {wiring}: open row errors {opened['errors']} for {opened['requests']} requests\n{text}")
+        for variant in ("extproc_authz_accesslog", "extproc_breaker_lean", "extproc_breaker_lean_open"):
+            s = rows[(variant, conns)]
+            assert s["access_log"] is not None and s["access_log"] >= s["requests"], (
+                f"c={conns} {variant}: {s['access_log']} access-log entries for {s['requests']} requests\n{text}")
+        assert rows[("extproc_authz_delay", conns)]["access_log"] is None
+    # read, not asserted: each wiring's whole cost is read against the seed's 1 ms at both concurrencies
+    assert {(d["variant"], d["concurrency"]) for d in breakers["closed"] if d["target"]} == {
+        (f"extproc_breaker_{w}", c) for w in ("ext_proc", "lean") for c in (1, 32)}, text
+    assert all(d["under_target"] is not None for d in breakers["closed"] if d["target"]), text
+    assert len(breakers["open"]) == 4 and all(d["all_rejected"] for d in breakers["open"]), text
+    trips = {(t["wiring"], t["concurrency"]): t for t in breakers["trip"]}
+    assert set(trips) == {(w, c) for w in ("ext_proc", "lean") for c in (1, 32)}, text
+    for t in trips.values():
+        assert t["open_after_ms"] is not None and t["state_after"] == "open" and t["transitions"] >= 1, f"{t}\n{text}"
+        assert t["upstream_requests"] >= t["threshold"], f"{t}\n{text}"
+    # the ext_proc wiring counts each failure in its stream before the client gets the answer: exact at c=1
+    assert trips[("ext_proc", 1)]["upstream_requests"] == trips[("ext_proc", 1)]["threshold"], text

@@ -403,3 +403,19 @@ def test_the_log_level_changes_at_runtime_on_every_worker(fleet_clean):
     finally:
         request("POST", f"{s.sidecar_admin}/logging", {"Authorization": f"Bearer {s.admin_token}"},
                 json.dumps({"level": "info", "logger": "extproc.authz"}).encode())
+
+
+def test_the_lean_wiring_closes_with_two_workers(fleet_clean):
+    """The probe flag travels in ext_authz's dynamic metadata, so the worker that receives the
+    access-log entry settles a probe another worker admitted (it stuck half-open before)."""
+    s = fleet_clean
+    assert admin(s, "/breakers/reports/reset").status == 200
+    token = idp.load_or_create(s.dir).mint("lean-fleet", scopes=["read"])
+    for _ in range(5):
+        assert get(f"{s.external}/reports/status/500", token).status == 500
+    wait_until(lambda: breaker(s, "reports")["state"] == "open", timeout=5, what="opened from the access log")
+    for _ in range(3):
+        wait_until(lambda: get(f"{s.external}/reports/status/200", token).status == 200, timeout=5,
+                   what="a probe admitted")
+    wait_until(lambda: breaker(s, "reports")["state"] == "closed", timeout=5, what="closed by the logged probes")
+    assert [get(f"{s.external}/reports/status/200", token).status for _ in range(4)] == [200] * 4

@@ -61,8 +61,10 @@ elseif f == 2 then
   if op == 'acquire' then outcome = 0 end
 elseif op == 'acquire' then
   if s == 1 and now >= t + open_ms then
-    s, pr, k = 2, 0, 0
+    s, pr, k, t = 2, 0, 0, now
     v = v + 1
+  elseif s == 2 and pr >= probes and now >= t + open_ms then
+    pr = 0   -- probes claimed an open duration ago never reported: free their slots
   end
   if s == 0 then
     outcome = 0
@@ -70,6 +72,7 @@ elseif op == 'acquire' then
     outcome, retry = 2, t + open_ms - now
   elseif pr < probes then
     pr = pr + 1
+    t = now  -- in half-open, t is the last probe claim
     outcome = 1
   else
     outcome, retry = 2, 1000
