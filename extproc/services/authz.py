@@ -102,6 +102,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         self._runtime = runtime_ref
         self.breakers = breakers         # services.breaker.Breakers: the lean wiring's check
         self.in_flight = 0
+        # fail-fast answers while a lean breaker is open: one Decision and reply per (upstream, policy,
+        # Retry-After second), built once (a rejection must cost less than the request it spares)
+        self._open_decisions: dict[tuple, Decision] = {}
+        self._open_replies: dict[int, tuple[Decision, pb.CheckResponse]] = {}
         self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
 
     async def _lean_breaker(self, rt, policy: str, request_id: str, decision):
@@ -119,6 +123,17 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             return dataclasses.replace(decision, metadata={**decision.metadata, "breaker_probe": spec.name})
         if not adm.rejected:
             return decision
+        key = (spec.name, id(spec), policy, adm.retry_after_s)
+        cached = self._open_decisions.get(key)
+        if cached is not None:
+            return cached
+        if len(self._open_decisions) > 1024:
+            self._open_decisions.clear()
+        self._open_decisions[key] = made = self._open_decision(spec, policy, adm)
+        return made
+
+    @staticmethod
+    def _open_decision(spec, policy: str, adm) -> Decision:
         marks = (("retry-after", str(adm.retry_after_s)), ("x-circuit-breaker", "open"))
         fb = spec.fallback
         if fb is not None:
@@ -199,4 +214,13 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
                 "sub": principal.subject if principal is not None and principal.subject else None,
                 "method": req.method, "path": req.path, "duration_us": round(elapsed * 1e6)})
         timing = f"authz;dur={elapsed * 1000:.3f}" if decision.allowed else None
+        if decision.reason is Reason.CIRCUIT_OPEN:
+            got = self._open_replies.get(id(decision))
+            if got is not None and got[0] is decision:
+                return got[1]
+            reply = to_check_response(decision, timing)
+            if len(self._open_replies) > 1024:
+                self._open_replies.clear()
+            self._open_replies[id(decision)] = (decision, reply)
+            return reply
         return to_check_response(decision, timing)
