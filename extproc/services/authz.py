@@ -106,6 +106,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         # Retry-After second), built once (a rejection must cost less than the request it spares)
         self._open_decisions: dict[tuple, Decision] = {}
         self._open_replies: dict[int, tuple[Decision, pb.CheckResponse]] = {}
+        self._open_cfg = None
         self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
 
     async def _lean_breaker(self, rt, policy: str, request_id: str, decision):
@@ -123,7 +124,11 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             return dataclasses.replace(decision, metadata={**decision.metadata, "breaker_probe": spec.name})
         if not adm.rejected:
             return decision
-        key = (spec.name, id(spec), policy, adm.retry_after_s)
+        if self._open_cfg is not breakers.cfg:       # a reload may change a fallback: build afresh
+            self._open_cfg = breakers.cfg
+            self._open_decisions.clear()
+            self._open_replies.clear()
+        key = (spec.name, policy, adm.retry_after_s)
         cached = self._open_decisions.get(key)
         if cached is not None:
             return cached
