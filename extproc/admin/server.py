@@ -227,6 +227,10 @@ class AdminServer:
                       for tier in sorted(tiers["gateway_cache_entries"])},
             "rules": {r: summary(per_rule[names[0]].get(r, 0), per_rule[names[1]].get(r, 0)) for r in rules},
         }
+        if self.cache is not None:
+            store_tier = await self.cache.store_usage()
+            if store_tier is not None:
+                out["tiers"]["store"] = store_tier
         return web.json_response(out)
 
     async def reload(self, request: web.Request) -> web.Response:

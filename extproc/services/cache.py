@@ -776,6 +776,19 @@ class ResponseCache:
             metrics.child(metrics.CACHE_ERRORS, "purge_share").inc()
 
     # -- statistics -----------------------------------------------------------------------------
+    async def store_usage(self, limit: int = 100_000) -> dict | None:
+        """Entries and bytes held by the shared tier (a SCAN over the cache's keys: admin use only,
+        bounded by `limit` keys and a 2 s timeout), or None without a shared tier."""
+        if not self.cfg.shared or self.store is None:
+            return None
+        match = f"{self.space.prefix}:{storekeys.CACHE}:{{{'?' * 40}}}"     # entry keys, not the purge index
+        try:
+            async with asyncio.timeout(2.0):
+                entries, size, truncated = await self.store.byte_usage(match, limit)
+        except (TimeoutError, StoreError) as exc:
+            return {"error": str(exc) or "timed out"}
+        return {"entries": entries, "bytes": size, "truncated": truncated}
+
     def stats(self) -> dict:
         return {"memory": {"entries": len(self.memory), "bytes": self.memory.bytes,
                            "max_bytes": self.memory.max_bytes},

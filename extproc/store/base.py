@@ -191,6 +191,12 @@ class Store(Protocol):
         lives `ttl_ms` past its last change. Unknown ops raise ValueError before any I/O."""
         ...
 
+    async def byte_usage(self, match: str, limit: int = 100_000) -> tuple[int, int, bool]:
+        """(keys, bytes, truncated) over the byte-string keys matching the glob `match` (Redis
+        SCAN semantics: every node of a Cluster), stopping after `limit` keys. For operators'
+        statistics only, never the request path; keys of other types are skipped."""
+        ...
+
     async def zadd(self, key: str, member: str, score: float) -> None:
         """Add `member` to the scored set at `key`, or move it to `score` when present.
 

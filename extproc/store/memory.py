@@ -279,6 +279,24 @@ class MemoryStore:
             entry.expires_us = now + ttl_ms * 1000
         return result
 
+    async def byte_usage(self, match: str, limit: int = 100_000) -> tuple[int, int, bool]:
+        import fnmatch
+
+        now = self._now_us()
+        keys = size = 0
+        for key in list(self._data):
+            if not fnmatch.fnmatchcase(key, match):
+                continue
+            entry = self._data.get(key)           # not _lookup: statistics must not touch the LRU order
+            if entry is None or (entry.expires_us is not None and now >= entry.expires_us) \
+                    or not isinstance(entry.value, bytes):
+                continue
+            if keys >= limit:
+                return keys, size, True
+            keys += 1
+            size += len(entry.value)
+        return keys, size, False
+
     async def zadd(self, key: str, member: str, score: float) -> None:
         check_member(member)
         score = check_score(score)

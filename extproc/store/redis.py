@@ -581,6 +581,40 @@ class RedisStore:
             pipe.execute_command("EVALSHA", self._ratelimit_sha, len(keys), *keys, *args)
         return await pipe.execute(raise_on_error=False)
 
+    async def byte_usage(self, match: str, limit: int = 100_000) -> tuple[int, int, bool]:
+        keys = size = seen = 0
+        batch: list[str] = []
+
+        async def flush() -> tuple[int, int]:
+            pipe = self._client.pipeline(transaction=False)
+            for k in batch:
+                pipe.strlen(k)
+            replies = await pipe.execute(raise_on_error=False)
+            batch.clear()
+            sizes = [r for r in replies if isinstance(r, int) and not isinstance(r, bool)]  # other types: WRONGTYPE
+            return len(sizes), sum(sizes)
+
+        try:
+            if self._undiscovered():
+                await self._discover()
+            async for key in self._client.scan_iter(match=match, count=1000):
+                if seen >= limit:
+                    if batch:
+                        n, b = await flush()
+                        keys, size = keys + n, size + b
+                    return keys, size, True
+                seen += 1
+                batch.append(key.decode() if isinstance(key, bytes) else key)
+                if len(batch) >= 500:
+                    n, b = await flush()
+                    keys, size = keys + n, size + b
+            if batch:
+                n, b = await flush()
+                keys, size = keys + n, size + b
+        except _DRIVER_ERRORS as exc:
+            raise self._error("byte_usage", exc) from exc
+        return keys, size, False
+
     async def zadd(self, key: str, member: str, score: float) -> None:
         check_member(member)
         score = check_score(score)

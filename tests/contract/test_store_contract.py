@@ -346,3 +346,20 @@ def test_keys_refuse_what_would_move_the_hash_tag(bad: tuple[str, str]) -> None:
         KeySpace("t1").key(*bad)
     with pytest.raises(ValueError):
         KeySpace("pre{fix}")
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+def test_byte_usage_counts_matching_byte_strings_only(store: Store, keys: KeySpace, run) -> None:
+    async def body() -> None:
+        for i in range(7):
+            await store.set(keys.key("stats", f"k{i:02d}"), b"x" * (i + 1))
+        await store.set(keys.key("other", "k"), b"y" * 100)
+        await store.zadd(keys.key("stats", "zset"), "m", 1.0)          # another type: skipped
+        count, size, truncated = await store.byte_usage(f"{keys.prefix}:stats:*")
+        assert (count, size, truncated) == (7, sum(range(1, 8)), False)
+        count, size, truncated = await store.byte_usage(f"{keys.prefix}:stats:*", limit=3)
+        assert truncated and count <= 3
+        assert (await store.byte_usage(f"{keys.prefix}:nothing:*"))[:2] == (0, 0)
+
+    run(body())

@@ -471,3 +471,17 @@ def test_store_down_the_cache_steps_aside_and_requests_succeed(shared):
         shared.redis.proc = _restart(shared.redis)
     wait_until(lambda: get(url).header("x-cache-status") in ("HIT", "MISS"), timeout=20,
                what="the cache back after Redis returned")
+
+
+def test_stats_report_the_shared_tier(shared):
+    before = get_json(f"{shared.sidecar_admin}/cache/stats")["tiers"]["store"]
+    url = echo(shared, **{"cache-control": "max-age=60"})
+    first = get(url)
+    assert first.header("x-cache-status") == "MISS"
+
+    def grown():
+        tier = get_json(f"{shared.sidecar_admin}/cache/stats")["tiers"]["store"]
+        return tier if tier["entries"] > before["entries"] else None
+
+    tier = wait_until(grown, timeout=5, what="the entry written to Redis")
+    assert tier["bytes"] >= before["bytes"] + len(first.body) and tier["truncated"] is False
