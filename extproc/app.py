@@ -276,6 +276,9 @@ class Worker:
             await self.admin.start()
         self._tasks.append(asyncio.create_task(self._probe_store(), name="store-probe"))
         self._tasks.append(asyncio.create_task(self._sample_loop(authz), name="loop-sampler"))
+        if self.cfg.cache.rules and (self.with_admin or self.listen == self.cfg.server.worker_listen(0)):
+            # one process per replica reads the shared tier's size (the gauges are summed over workers)
+            self._tasks.append(asyncio.create_task(self._sample_store_tier(), name="cache-tier-sampler"))
         self._tasks.append(asyncio.create_task(self._follow_ratelimit_resets(), name="rl-resets"))
         if self.config_path is not None:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
@@ -418,6 +421,17 @@ class Worker:
             authz_gauge.set(authz.in_flight)
             if self.processor is not None:
                 proc_gauge.set(self.processor.in_flight)
+
+    async def _sample_store_tier(self, period: float = 60.0) -> None:
+        """gateway_cache_entries / gateway_cache_stored_bytes {tier="store"}: a bounded SCAN a minute."""
+        entries = metrics.CACHE_ENTRIES.labels("store")
+        size = metrics.CACHE_BYTES.labels("store")
+        while True:
+            usage = await self.cache.store_usage()
+            if usage is not None and "entries" in usage:
+                entries.set(usage["entries"])
+                size.set(usage["bytes"])
+            await asyncio.sleep(period)
 
     async def _probe_store(self) -> None:
         gauge = metrics.STORE_UP.labels(self.store.name)

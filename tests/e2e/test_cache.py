@@ -485,3 +485,9 @@ def test_stats_report_the_shared_tier(shared):
 
     tier = wait_until(grown, timeout=5, what="the entry written to Redis")
     assert tier["bytes"] >= before["bytes"] + len(first.body) and tier["truncated"] is False
+    # worker 0 samples the same into gateway_cache_entries{tier="store"} (at start, then each minute)
+    import urllib.request
+
+    with urllib.request.urlopen(f"{shared.sidecar_admin}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert 'gateway_cache_entries{tier="store"}' in text and 'gateway_cache_stored_bytes{tier="store"}' in text
