@@ -22,7 +22,7 @@ What runs (every process started here is stopped by its PID on exit, SIGTERM or 
   with the shipped `observability/prometheus/prometheus.yml` (targets rewritten) and alerts.yml.
 
 Ports are laid out from `--base-port` B (default 20000): Envoy i external B+i, internal B+10+i,
-admin B+20+i; sidecar j gRPC B+100+j, admin B+200+j; upstreams B+300, B+301; Prometheus B+400;
+admin B+20+i, TLS B+30+i; sidecar j gRPC B+100+j, admin B+200+j; upstreams B+300, B+301; Prometheus B+400;
 Redis B+500 (cluster: B+500..B+505, cluster bus +10000). `--base-port 0` picks free ports.
 
 The Python API (`Topology`, `Stack`) is what tests/e2e/test_scaleout.py and scripts/loadtest.py
@@ -63,6 +63,7 @@ DEFAULT_STATE_DIR = ROOT / ".extproc" / "stack"
 
 # the shipped ports, by role (envoy/*.yaml, extproc.yaml)
 EXTERNAL, INTERNAL, ENVOY_ADMIN, UPSTREAM, SIDECAR = 8000, 8001, 9901, 18080, 50051
+EXTERNAL_TLS = 8443      # the external listener over TLS (its certificate: .extproc/tls, made by scripts/setup)
 SIDECAR_PORTS = range(SIDECAR, SIDECAR + 64)     # envoy-workers.yaml lists worker i on 50051 + i
 CLUSTER_BUS_OFFSET = 10000
 # clusters of services the native stack does not run: kept exactly as shipped
@@ -274,16 +275,18 @@ class Ports:
 def plan_ports(t: Topology) -> Ports:
     redis_n = {"none": 0, "single": 1, "cluster": 6}[t.redis]
     if not t.base_port:
-        rest = _free_ports(3 * t.envoys + 2 * t.sidecars + 2 + (1 if t.prometheus else 0))
+        rest = _free_ports(4 * t.envoys + 2 * t.sidecars + 2 + (1 if t.prometheus else 0))
         redis = _free_ports(redis_n, cluster_bus=t.redis == "cluster") if redis_n else []
         it = iter(rest)
-        envoys = [{"external": next(it), "internal": next(it), "admin": next(it)} for _ in range(t.envoys)]
+        envoys = [{"external": next(it), "internal": next(it), "admin": next(it), "external_tls": next(it)}
+                  for _ in range(t.envoys)]
         sidecars = [{"grpc": next(it), "admin": next(it)} for _ in range(t.sidecars)]
         upstreams = [next(it), next(it)]
         prom = next(it) if t.prometheus else None
         return Ports(envoys, sidecars, upstreams, prom, redis)
     b = t.base_port
-    return Ports([{"external": b + i, "internal": b + 10 + i, "admin": b + 20 + i} for i in range(t.envoys)],
+    return Ports([{"external": b + i, "internal": b + 10 + i, "admin": b + 20 + i, "external_tls": b + 30 + i}
+                  for i in range(t.envoys)],
                  [{"grpc": b + 100 + j, "admin": b + 200 + j} for j in range(t.sidecars)],
                  [b + 300, b + 301], b + 400 if t.prometheus else None, [b + 500 + k for k in range(redis_n)])
 
@@ -345,7 +348,7 @@ def _socket(obj: dict) -> dict:
 
 
 def envoy_bootstrap(shipped: dict, *, external: int, internal: int, admin: int, sidecars: list[int],
-                    upstreams: list[int]) -> dict:
+                    upstreams: list[int], external_tls: int | None = None) -> dict:
     """The shipped envoy-workers.yaml for one Envoy of the stack, rewriting only ports and
     endpoint lists: admin and listener ports; the sidecar cluster (endpoints on 50051 + i) lists
     every sidecar; each cluster of the demo upstream (endpoints on 18080) lists every upstream
@@ -353,6 +356,8 @@ def envoy_bootstrap(shipped: dict, *, external: int, internal: int, admin: int, 
     collector) stays as shipped. Any other port is an error, never silently kept."""
     doc = copy.deepcopy(shipped)
     listeners = {EXTERNAL: external, INTERNAL: internal}
+    if external_tls is not None:
+        listeners[EXTERNAL_TLS] = external_tls
     if _socket(doc["admin"])["port_value"] != ENVOY_ADMIN:
         raise ValueError(f"Envoy admin is no longer on :{ENVOY_ADMIN}: teach scripts/stack.py about it")
     _socket(doc["admin"])["port_value"] = admin
@@ -674,11 +679,15 @@ class Stack:
         return status == 200 and all(v.get("loaded") for v in (detail.get("providers") or {}).values())
 
     def _start_envoys(self) -> None:
+        from extproc.demo import tls
+
+        tls.ensure(ROOT / ".extproc" / "tls")      # :8443's certificate, relative to Envoy's cwd (ROOT)
         p = self._p()
         shipped = yaml.safe_load(SHIPPED_ENVOY.read_text())
         started = []
         for i, ports in enumerate(p.envoys):
             doc = envoy_bootstrap(shipped, external=ports["external"], internal=ports["internal"], admin=ports["admin"],
+                                  external_tls=ports["external_tls"],
                                   sidecars=[s["grpc"] for s in p.sidecars], upstreams=p.upstreams)
             path = self.dir / "config" / f"envoy-{i + 1}.json"
             path.write_text(json.dumps(doc, indent=1))

@@ -57,6 +57,12 @@ def envoy_config() -> dict[str, Any]:
     _socket(doc["admin"])["address"] = ANY
     for listener in doc["static_resources"]["listeners"]:
         _socket(listener)["address"] = ANY
+        for chain in listener["filter_chains"]:      # :8443's certificate, mounted from the host's .extproc/tls
+            tls = chain.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context", {})
+            for cert in tls.get("tls_certificates", ()):
+                for part in ("certificate_chain", "private_key"):
+                    name = cert[part]["filename"]
+                    cert[part]["filename"] = "/etc/envoy/tls/" + name.rsplit("/", 1)[-1]
     sidecar_ports = {int(listen.rsplit(":", 1)[1]) for _, listen, _ in SIDECARS}
     for cluster in doc["static_resources"]["clusters"]:
         (group,) = cluster["load_assignment"]["endpoints"]

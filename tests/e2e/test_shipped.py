@@ -92,6 +92,6 @@ def test_demo_script_smoke(tmp_path):
                          timeout=180, env={"PATH": "/usr/bin:/bin", "EXTPROC_STATE_DIR": str(tmp_path),
                                            "HOME": str(tmp_path)}, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("smoke: ok") == 10
+    assert out.stdout.count("smoke: ok") == 11
     assert "export TOKEN=ey" in out.stdout
     assert not [p for p in (8000, 8001, 9901, 9902, 18080, 50051) if port_open(p)]

@@ -25,6 +25,7 @@ ENVOY_BIN = VENV_BIN / "envoy"
 # the shipped ports, by role
 EXTERNAL, INTERNAL, ENVOY_ADMIN, UPSTREAM, SIDECAR, SIDECAR_ADMIN = 8000, 8001, 9901, 18080, 50051, 9902
 OTLP = 4317          # the trace collector Envoy exports to (nothing listens unless a test starts one)
+EXTERNAL_TLS = 8443  # the external listener over TLS (the certificate: .extproc/tls, made by scripts/setup)
 
 
 def rewrite_ports(doc: Any, mapping: dict[int, int]) -> Any:
@@ -147,7 +148,11 @@ class Stack:
     def start_envoy(self, bootstrap: Path = SHIPPED_ENVOY, extra_map: dict[int, int] | None = None) -> Proc:
         mapping = {EXTERNAL: self.ports["external"], INTERNAL: self.ports["internal"],
                    ENVOY_ADMIN: self.ports["envoy_admin"], UPSTREAM: self.ports["upstream"],
-                   SIDECAR: self.ports["sidecar"], OTLP: self.ports["otlp"], **(extra_map or {})}
+                   SIDECAR: self.ports["sidecar"], OTLP: self.ports["otlp"],
+                   EXTERNAL_TLS: self.ports["external_tls"], **(extra_map or {})}
+        from extproc.demo import tls
+
+        tls.ensure(ROOT / ".extproc" / "tls")        # :8443's certificate, relative to Envoy's cwd (ROOT)
         path = self.dir / f"envoy-{bootstrap.stem}.json"
         path.write_text(json.dumps(envoy_config(bootstrap, mapping)))
         p = Proc("envoy", [str(ENVOY_BIN), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
@@ -175,7 +180,7 @@ class Stack:
 
 
 def new_stack(directory: Path, extra_ports: int = 0) -> Stack:
-    names = ["external", "internal", "envoy_admin", "upstream", "sidecar", "sidecar_admin", "otlp"]
+    names = ["external", "internal", "envoy_admin", "upstream", "sidecar", "sidecar_admin", "otlp", "external_tls"]
     ports = free_ports(len(names) + extra_ports)
     mapping = dict(zip(names, ports, strict=False))
     for i in range(extra_ports):

@@ -679,6 +679,10 @@ def _comparable(bootstrap: dict) -> dict:
     b = copy.deepcopy(bootstrap)
     for lst in b["static_resources"]["listeners"]:
         lst["address"]["socket_address"].pop("address")
+        for chain in lst["filter_chains"]:       # where the certificate is mounted
+            tls = chain.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context", {})
+            for cert in tls.get("tls_certificates", ()):
+                cert["certificate_chain"]["filename"] = cert["private_key"]["filename"] = "<mounted>"
     for c in b["static_resources"]["clusters"]:
         for key in ("type", "load_assignment", "transport_socket", "dns_refresh_rate", "respect_dns_ttl"):
             c.pop(key, None)
@@ -732,13 +736,18 @@ def test_gateway_ports_services_and_policy_match_envoy_yaml(overlay):
     gateway = find(docs, "Deployment", "extproc-gateway")
     envoy = container(gateway, "envoy")
     ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
-    assert ports == {"http": listeners["external"]["port_value"], "internal": listeners["internal"]["port_value"]}
+    assert ports == {"http": listeners["external"]["port_value"], "internal": listeners["internal"]["port_value"],
+                     "https": listeners["external_tls"]["port_value"]}
     assert envoy["args"][envoy["args"].index("--config-path") + 1] == "/etc/envoy/envoy.yaml"
-    assert find(docs, "Service", "extproc-gateway")["spec"]["ports"][0]["targetPort"] == "http"
+    assert [p["targetPort"] for p in find(docs, "Service", "extproc-gateway")["spec"]["ports"]] == ["http", "https"]
     assert find(docs, "Service", "extproc-gateway-internal")["spec"]["ports"][0]["targetPort"] == "internal"
     netpol = find(docs, "NetworkPolicy", "extproc-gateway")
     rules = {r["ports"][0]["port"]: r for r in netpol["spec"]["ingress"]}
     assert "from" not in rules[ports["http"]]                  # the external listener: anyone
+    assert "from" not in rules[ports["https"]]
+    tls_mount = next(vm for vm in envoy["volumeMounts"] if vm["mountPath"] == "/etc/envoy/tls")
+    volume = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == tls_mount["name"])
+    assert volume["secret"]["secretName"] == "extproc-gateway-tls"
     assert "from" in rules[ports["internal"]]                   # the internal one: never the world
 
 
@@ -746,7 +755,11 @@ def test_gateway_ports_services_and_policy_match_envoy_yaml(overlay):
 def test_envoy_configmap_validates_with_envoy(overlay, tmp_path):
     text = find(rendered(overlay), "ConfigMap", "extproc-gateway-envoy")["data"]["envoy.yaml"]
     ca = self_signed_ca(tmp_path)
-    assert "/etc/extproc-ca/ca.crt" in text
+    assert "/etc/extproc-ca/ca.crt" in text and "/etc/envoy/tls/tls.crt" in text
+    from extproc.demo import tls
+
+    crt, key = tls.ensure(tmp_path / "tls")
+    text = text.replace("/etc/envoy/tls/tls.crt", str(crt)).replace("/etc/envoy/tls/tls.key", str(key))
     envoy_validate(text.replace("/etc/extproc-ca/ca.crt", str(ca)), tmp_path)
 
 

@@ -417,7 +417,7 @@ def test_compose_ports_match_the_configs():
     listener_ports = {lis["address"]["socket_address"]["port_value"] for lis in envoy["static_resources"]["listeners"]}
     admin_port = envoy["admin"]["address"]["socket_address"]["port_value"]
     sidecar_admin = {n: _port(c.admin.listen) for n, c in sidecars.items()}
-    assert listener_ports == {8000, 8001} and admin_port == 9901
+    assert listener_ports == {8000, 8001, 8443} and admin_port == 9901
     # the sidecars live in Envoy's network namespace: their admin ports are published there
     published = _published(services["envoy"])
     assert set(published) == listener_ports | {admin_port} | set(sidecar_admin.values())
@@ -432,7 +432,8 @@ def test_compose_ports_match_the_configs():
     assert _published(services["prometheus"]) == {9090: ("127.0.0.1", 9090)}
     assert _published(services["grafana"]) == {3000: ("127.0.0.1", 3000)}
     assert _published(services["jaeger"]) == {16686: ("127.0.0.1", 16686)}
-    assert _binds(services["envoy"]) == [("/etc/envoy/envoy.yaml", COMPOSE_DIR / "envoy.yaml")]
+    assert _binds(services["envoy"]) == [("/etc/envoy/envoy.yaml", COMPOSE_DIR / "envoy.yaml"),
+                                         ("/etc/envoy/tls", ROOT / ".extproc" / "tls")]   # :8443's certificate
     assert dict(_binds(services["prometheus"]))["/etc/prometheus"] == PROM_DIR
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
 
@@ -483,7 +484,7 @@ def test_rendered_compose_configs_are_up_to_date():
 
 def _blank_addresses(doc: Any) -> Any:
     if isinstance(doc, dict):
-        return {k: ("<address>" if k == "address" and isinstance(v, str) else _blank_addresses(v))
+        return {k: ("<address>" if k in ("address", "filename") and isinstance(v, str) else _blank_addresses(v))
                 for k, v in doc.items()}
     if isinstance(doc, list):
         return [_blank_addresses(v) for v in doc]
@@ -544,9 +545,15 @@ def test_compose_envoy_reaches_both_sidecars():
     assert [f"{e['address']}:{e['port_value']}" for e in endpoints] == listens
 
 
-def test_compose_envoy_validates():
-    out = run(str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(COMPOSE_DIR / "envoy.yaml"),
-              "--use-dynamic-base-id")
+def test_compose_envoy_validates(tmp_path):
+    from extproc.demo import tls
+
+    crt, key = tls.ensure(tmp_path / "tls")       # compose mounts the host's .extproc/tls at /etc/envoy/tls
+    text = (COMPOSE_DIR / "envoy.yaml").read_text()
+    assert "/etc/envoy/tls/server.crt" in text
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text.replace("/etc/envoy/tls/server.crt", str(crt)).replace("/etc/envoy/tls/server.key", str(key)))
+    out = run(str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 

@@ -49,7 +49,7 @@ UPSTREAMS = [42001, 42002]
 
 
 def generated() -> dict:
-    return stack.envoy_bootstrap(SHIPPED_ENVOY, external=40000, internal=40010, admin=40020,
+    return stack.envoy_bootstrap(SHIPPED_ENVOY, external=40000, internal=40010, admin=40020, external_tls=40030,
                                  sidecars=SIDECARS, upstreams=UPSTREAMS)
 
 
@@ -83,7 +83,7 @@ def test_envoy_bootstrap_rewrites_only_ports_and_endpoint_lists():
     assert without_ports_and_endpoints(doc) == without_ports_and_endpoints(SHIPPED_ENVOY)
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 40020}
     listeners = {ln["name"]: ln["address"]["socket_address"]["port_value"] for ln in doc["static_resources"]["listeners"]}
-    assert listeners == {"external": 40000, "internal": 40010}
+    assert listeners == {"external": 40000, "internal": 40010, "external_tls": 40030}
 
 
 def test_the_sidecar_cluster_lists_every_sidecar_and_each_upstream_cluster_both_replicas():
@@ -122,11 +122,13 @@ def test_an_unknown_port_is_refused_not_kept():
             {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
                                                                            "port_value": 9411}}}}]}]}})
     with pytest.raises(ValueError, match="zipkin"):
-        stack.envoy_bootstrap(doc, external=1, internal=2, admin=3, sidecars=SIDECARS, upstreams=UPSTREAMS)
+        stack.envoy_bootstrap(doc, external=1, internal=2, admin=3, external_tls=4, sidecars=SIDECARS,
+                              upstreams=UPSTREAMS)
     doc = copy.deepcopy(SHIPPED_ENVOY)
-    doc["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = 8443
-    with pytest.raises(ValueError, match="8443"):
-        stack.envoy_bootstrap(doc, external=1, internal=2, admin=3, sidecars=SIDECARS, upstreams=UPSTREAMS)
+    doc["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = 8444
+    with pytest.raises(ValueError, match="8444"):
+        stack.envoy_bootstrap(doc, external=1, internal=2, admin=3, external_tls=4, sidecars=SIDECARS,
+                              upstreams=UPSTREAMS)
 
 
 def test_envoy_accepts_the_generated_bootstrap(tmp_path):
@@ -195,14 +197,14 @@ def test_prometheus_config_keeps_the_jobs_and_rewrites_the_targets(tmp_path):
 def test_port_layout_from_a_base_and_from_free_ports():
     t = stack.Topology(envoys=2, sidecars=3, redis="cluster", base_port=20000)
     p = stack.plan_ports(t)
-    assert p.envoys == [{"external": 20000, "internal": 20010, "admin": 20020},
-                        {"external": 20001, "internal": 20011, "admin": 20021}]
+    assert p.envoys == [{"external": 20000, "internal": 20010, "admin": 20020, "external_tls": 20030},
+                        {"external": 20001, "internal": 20011, "admin": 20021, "external_tls": 20031}]
     assert [s["grpc"] for s in p.sidecars] == [20100, 20101, 20102]
     assert [s["admin"] for s in p.sidecars] == [20200, 20201, 20202]
     assert p.upstreams == [20300, 20301] and p.prometheus == 20400 and p.redis == list(range(20500, 20506))
     free = stack.plan_ports(stack.Topology(envoys=2, sidecars=3, redis="cluster", base_port=0))
     ports = free.all()
-    assert len(ports) == len(set(ports)) == 6 + 6 + 2 + 1 + 6
+    assert len(ports) == len(set(ports)) == 8 + 6 + 2 + 1 + 6
     assert all(port + stack.CLUSTER_BUS_OFFSET <= 65535 for port in free.redis)
 
 
