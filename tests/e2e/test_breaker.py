@@ -20,10 +20,9 @@ from collections import Counter
 import pytest
 
 from extproc.demo import idp
-from tests.support.http import Response, get, request
-from tests.support.procs import free_consecutive, wait_until
-from tests.support.redis_servers import RedisServer
-from tests.support.stack import ROOT, SIDECAR, Stack, get_json, new_stack
+from tests.support.http import Response, get, parallel, request
+from tests.support.procs import wait_until
+from tests.support.stack import Stack, get_json, new_stack, restart_redis, two_workers_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -55,26 +54,6 @@ def admin(stack: Stack, path: str) -> Response:
 
 def breaker(stack: Stack, name: str) -> dict:
     return next(b for b in get_json(f"{stack.sidecar_admin}/breakers")["breakers"] if b["upstream"] == name)
-
-
-def parallel(n: int, fn) -> list:
-    out: list = []
-    lock = threading.Lock()
-    gate = threading.Barrier(n)
-
-    def one() -> None:
-        gate.wait()
-        r = fn()
-        with lock:
-            out.append(r)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a client hung"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -262,26 +241,11 @@ def test_admin_requires_the_token_and_names_a_breaker(clean):
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    d = tmp_path_factory.mktemp("breaker-fleet")
-    redis = RedisServer(d / "redis")
-    base = free_consecutive(2)
-    s = new_stack(d / "stack")
-    s.ports["sidecar"] = base
-    s.redis = redis
-    try:
-        s.start_upstream()
-        s.write_sidecar_config({**OVERRIDES, "server.workers": 2,
-                                "store": {"redis": {"url": redis.url, "timeout_ms": 100}},
-                                "circuit_breakers.store_timeout_ms": 100,
-                                "circuit_breakers.upstreams.payments.open_seconds": 30})
-        s.start_sidecar()
-        wait_until(lambda: len(get_json(f"{s.sidecar_admin}/readyz")["workers"]) == 2, what="two workers")
-        s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
-        wait_until(s.sidecar_hosts_healthy, timeout=20, what="both workers healthy in Envoy")
+    with two_workers_on_redis(tmp_path_factory.mktemp("breaker-fleet"),
+                              {**OVERRIDES, "circuit_breakers.store_timeout_ms": 100,
+                               "circuit_breakers.upstreams.payments.open_seconds": 30},
+                              redis_timeout_ms=100) as s:
         yield s
-    finally:
-        s.stop()
-        redis.stop()
 
 
 @pytest.fixture
@@ -325,9 +289,7 @@ def test_store_down_each_replica_breaks_on_its_own(fleet_clean):
         # each worker counts its own five (or fewer, if a worker's view already had some)
         assert statuses[503] >= 6 and hits(s, "/api/payments/p1") - before <= 10, statuses
     finally:
-        from tests.e2e.test_ratelimit import _restart
-
-        s.redis.proc = _restart(s.redis)
+        s.redis.proc = restart_redis(s.redis)
         fail(s, None, "off")
     wait_until(lambda: admin(s, "/breakers/payments/reset").status == 200, timeout=20, what="the store back")
     wait_until(lambda: pay(s, token).status == 404, timeout=20, what="closed again on every worker")

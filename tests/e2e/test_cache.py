@@ -11,7 +11,6 @@ replicas: invalidation, purges and the store going away.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.parse
 import uuid
@@ -21,10 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.demo import idp
-from tests.support.http import Response, get, request
-from tests.support.procs import free_consecutive, wait_until
-from tests.support.redis_servers import RedisServer
-from tests.support.stack import ROOT, SIDECAR, Stack, get_json, new_stack
+from tests.support.http import Response, get, parallel, request
+from tests.support.procs import wait_until
+from tests.support.stack import ROOT, Stack, get_json, restart_redis, two_workers_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -228,21 +226,7 @@ def test_query_normalisation_sorts_and_ignores_tracking_parameters(stack):
 def test_concurrent_misses_are_collapsed_into_one_upstream_request(stack):
     url = echo(stack, **{"cache-control": "max-age=60"})
     n = 100
-    out: list[Response] = []
-    lock = threading.Lock()
-    gate = threading.Barrier(n)
-
-    def one() -> None:
-        gate.wait()
-        r = get(url, timeout=10)
-        with lock:
-            out.append(r)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
+    out: list[Response] = parallel(n, lambda: get(url, timeout=10), timeout=15)
     assert len(out) == n
     assert {counter(r) for r in out} == {1}, Counter(counter(r) for r in out)
     assert Counter(r.header("x-cache-status") for r in out)["MISS"] == 1
@@ -380,27 +364,12 @@ SHADOW_RULE = {"name": "status-shadow", "policies": ["public"], "path_prefix": [
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache-shared")
-    redis = RedisServer(d / "redis")
-    base = free_consecutive(2)
-    s = new_stack(d / "stack")
-    s.ports["sidecar"] = base
-    s.redis = redis
     import yaml
 
     rules = yaml.safe_load((ROOT / "extproc.yaml").read_text())["cache"]["rules"] + [SHADOW_RULE]
-    try:
-        s.start_upstream()
-        s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url, "timeout_ms": 100}},
-                                "cache.rules": rules, "cache.store_timeout_ms": 100})
-        s.start_sidecar()
-        wait_until(lambda: len(get_json(f"{s.sidecar_admin}/readyz")["workers"]) == 2, what="two workers")
-        s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
-        wait_until(s.sidecar_hosts_healthy, timeout=20, what="both workers healthy in Envoy")
+    with two_workers_on_redis(tmp_path_factory.mktemp("cache-shared"),
+                              {"cache.rules": rules, "cache.store_timeout_ms": 100}, redis_timeout_ms=100) as s:
         yield s
-    finally:
-        s.stop()
-        redis.stop()
 
 
 def test_an_entry_stored_by_one_replica_is_served_by_the_other(shared):
@@ -466,9 +435,7 @@ def test_store_down_the_cache_steps_aside_and_requests_succeed(shared):
             assert get(url).status == 200
         assert metric(shared, "gateway_cache_errors_total") > errors_before
     finally:
-        from tests.e2e.test_ratelimit import _restart
-
-        shared.redis.proc = _restart(shared.redis)
+        shared.redis.proc = restart_redis(shared.redis)
     wait_until(lambda: get(url).header("x-cache-status") in ("HIT", "MISS"), timeout=20,
                what="the cache back after Redis returned")
 

@@ -9,9 +9,8 @@ import pytest
 
 from extproc.demo import idp
 from tests.support.http import burst, get, request
-from tests.support.procs import free_consecutive, wait_until
-from tests.support.redis_servers import RedisServer
-from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
+from tests.support.procs import wait_until
+from tests.support.stack import restart_redis, two_workers_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -37,24 +36,9 @@ RULES = [
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
     """The shipped configs, two workers, one Redis; the rate-limit rules scaled down for tests."""
-    d = tmp_path_factory.mktemp("ratelimit")
-    redis = RedisServer(d / "redis")
-    base = free_consecutive(2)
-    s = new_stack(d / "stack")
-    s.ports["sidecar"] = base
-    s.redis = redis
-    try:
-        s.start_upstream()
-        s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url, "timeout_ms": 50}},
-                                "rate_limits": {"store_timeout_ms": 100, "rules": RULES}})
-        s.start_sidecar()
-        wait_until(lambda: len(get_json(f"{s.sidecar_admin}/readyz")["workers"]) == 2, what="two workers")
-        s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
-        wait_until(s.sidecar_hosts_healthy, timeout=20, what="both workers healthy in Envoy")
+    with two_workers_on_redis(tmp_path_factory.mktemp("ratelimit"),
+                              {"rate_limits": {"store_timeout_ms": 100, "rules": RULES}}) as s:
         yield s
-    finally:
-        s.stop()
-        redis.stop()
 
 
 
@@ -118,7 +102,7 @@ def test_redis_down_fail_open_uses_the_local_limiter_and_fail_closed_answers_503
         statuses = Counter(x.status for x in burst(f"{limited.external}/api/products/4", token, 3 * N))
         assert statuses[429] > 0 and statuses[200] <= 2 * N, statuses
     finally:
-        limited.redis.proc = _restart(limited.redis)
+        limited.redis.proc = restart_redis(limited.redis)
     wait_until(lambda: get(f"{limited.external}/api/payments/p1", pay).status in (200, 404), timeout=20,
                what="Redis' return picked up")
 
@@ -133,16 +117,6 @@ def test_admin_can_reset_a_partition(limited):
     assert r.status == 200, r.body
     wait_until(lambda: get(f"{limited.external}/api/orders", token).status == 200, timeout=10,
                what="the partition usable again on every worker")
-
-
-def _restart(server: RedisServer):
-    from tests.support.procs import Proc
-
-    old = server.proc
-    old.stop()
-    p = Proc("redis-restarted", old.argv, old.log_path.parent)
-    wait_until(lambda: server.command("PING").startswith("+PONG"), timeout=15, what="redis back")
-    return p
 
 
 def _metrics(s) -> str:

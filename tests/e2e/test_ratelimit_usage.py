@@ -10,9 +10,8 @@ import pytest
 
 from extproc.demo import idp
 from tests.support.http import burst, get, request
-from tests.support.procs import Proc, free_consecutive, wait_until
-from tests.support.redis_servers import RedisServer
-from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
+from tests.support.procs import wait_until
+from tests.support.stack import get_json, restart_redis, two_workers_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -28,24 +27,9 @@ RULES = [
 @pytest.fixture(scope="module")
 def usage_stack(tmp_path_factory):
     """The shipped configs, two workers, one Redis, two usage rules."""
-    d = tmp_path_factory.mktemp("ratelimit-usage")
-    redis = RedisServer(d / "redis")
-    base = free_consecutive(2)
-    s = new_stack(d / "stack")
-    s.ports["sidecar"] = base
-    s.redis = redis
-    try:
-        s.start_upstream()
-        s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url, "timeout_ms": 50}},
-                                "rate_limits": {"store_timeout_ms": 100, "rules": RULES}})
-        s.start_sidecar()
-        wait_until(lambda: len(get_json(f"{s.sidecar_admin}/readyz")["workers"]) == 2, what="two workers")
-        s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
-        wait_until(s.sidecar_hosts_healthy, timeout=20, what="both workers healthy in Envoy")
+    with two_workers_on_redis(tmp_path_factory.mktemp("ratelimit-usage"),
+                              {"rate_limits": {"store_timeout_ms": 100, "rules": RULES}}) as s:
         yield s
-    finally:
-        s.stop()
-        redis.stop()
 
 
 def usage(s, rule: str, *values: str) -> dict:
@@ -96,18 +80,10 @@ def test_usage_is_503_while_redis_is_down(usage_stack):
                     {"Authorization": f"Bearer {s.admin_token}"})
         assert r.status == 503 and r.json()["error"].startswith("store unavailable")
     finally:
-        s.redis.proc = _restart(s.redis)
+        s.redis.proc = restart_redis(s.redis)
     wait_until(lambda: request("GET", f"{s.sidecar_admin}/ratelimits/usage?rule=usage-fw&value=anyone",
                                {"Authorization": f"Bearer {s.admin_token}"}).status == 200,
                timeout=20, what="usage answering again")
-
-
-def _restart(server: RedisServer) -> Proc:
-    old = server.proc
-    old.stop()
-    p = Proc("redis-restarted", old.argv, old.log_path.parent)
-    wait_until(lambda: server.command("PING").startswith("+PONG"), timeout=15, what="redis back")
-    return p
 
 
 def test_the_supervisors_admin_api_follows_a_reload(usage_stack):

@@ -64,3 +64,27 @@ def burst(url: str, token: str | None, n: int, headers: dict[str, str] | None = 
     for t in threads:
         t.join(timeout=timeout)
     return out
+
+
+def parallel(n: int, fn, timeout: float = 30.0) -> list:
+    """Run `fn` in n threads released together (a barrier); its results, in finishing order.
+    Fails when a call is still running after `timeout` (a client hung)."""
+    import threading
+
+    out: list = []
+    lock = threading.Lock()
+    gate = threading.Barrier(n)
+
+    def one() -> None:
+        gate.wait()
+        r = fn()
+        with lock:
+            out.append(r)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    return out

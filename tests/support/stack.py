@@ -7,16 +7,18 @@ extproc.yaml with its listen ports, the JWKS URI's port and timings scaled for t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .procs import ROOT, VENV_BIN, Proc, free_ports, http_status, port_open, wait_until
+from .procs import ROOT, VENV_BIN, Proc, free_consecutive, free_ports, http_status, port_open, wait_until
 
 SHIPPED_ENVOY = ROOT / "envoy" / "envoy.yaml"
 SHIPPED_CONFIG = ROOT / "extproc.yaml"
@@ -187,3 +189,40 @@ def new_stack(directory: Path, extra_ports: int = 0) -> Stack:
         mapping[f"extra{i}"] = ports[len(names) + i]
     directory.mkdir(parents=True, exist_ok=True)
     return Stack(directory, mapping)
+
+
+@contextlib.contextmanager
+def two_workers_on_redis(directory: Path, overrides: dict | None = None,
+                         redis_timeout_ms: int = 50) -> Iterator[Stack]:
+    """The shipped configs with `extproc serve --workers 2` on one real Redis, behind
+    envoy-workers.yaml (round robin over both workers); `overrides` as write_sidecar_config takes
+    them. Everything started is stopped on exit."""
+    from .redis_servers import RedisServer
+
+    redis = RedisServer(directory / "redis")
+    base = free_consecutive(2)
+    s = new_stack(directory / "stack")
+    s.ports["sidecar"] = base
+    s.redis = redis
+    try:
+        s.start_upstream()
+        s.write_sidecar_config({"server.workers": 2,
+                                "store": {"redis": {"url": redis.url, "timeout_ms": redis_timeout_ms}},
+                                **(overrides or {})})
+        s.start_sidecar()
+        wait_until(lambda: len(get_json(f"{s.sidecar_admin}/readyz")["workers"]) == 2, what="two workers")
+        s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
+        wait_until(s.sidecar_hosts_healthy, timeout=20, what="both workers healthy in Envoy")
+        yield s
+    finally:
+        s.stop()
+        redis.stop()
+
+
+def restart_redis(server) -> Proc:
+    """Stop a test RedisServer and start it again on the same port (its data is gone)."""
+    old = server.proc
+    old.stop()
+    p = Proc("redis-restarted", old.argv, old.log_path.parent)
+    wait_until(lambda: server.command("PING").startswith("+PONG"), timeout=15, what="redis back")
+    return p
