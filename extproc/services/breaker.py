@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from .. import config as cfgmod
 from ..core import breaker as br
 from ..store import keys as storekeys
-from ..store.base import Store, StoreError, Subscription
+from ..store.base import Store, StoreError
+from ..store.follow import follow
 from ..telemetry import metrics
 
 log = logging.getLogger("extproc.breaker")
@@ -130,7 +131,6 @@ class Breakers:
         self.reconfigure(cfg)
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
-        self._lost_logged = False
         self._degraded_logged = False
         self._background: set[asyncio.Task[None]] = set()
         self.last_shared = True
@@ -352,33 +352,18 @@ class Breakers:
 
     async def _follow(self) -> None:
         assert self.store is not None and self._ready is not None
-        while True:
-            sub: Subscription | None = None
-            try:
-                sub = await self.store.subscribe(self.channel)
-                for name, spec in list(self.specs.items()):
-                    r = await self.store.breaker(self.key(name), "read", spec.params, int(self.clock() * 1000),
-                                                 RECORD_TTL_MS)
-                    self._absorb(name, r.state, r.opened_at_ms, r.version, r.consecutive, r.forced)
-                self._ready.set()
-                if self._lost_logged:
-                    self._lost_logged = False
-                    log.info("circuit breaker events resynced")
-                async for raw in sub:
-                    self._on_message(raw)
-                raise StoreError("breaker subscription ended", transient=True)
-            except Exception as exc:  # noqa: BLE001 - the follower must outlive any failure
-                self._ready.set()
-                if not self._lost_logged:
-                    self._lost_logged = True
-                    if not isinstance(exc, StoreError):
-                        log.exception("breaker follower failed")
-                    log.warning("circuit breaker events: store unreachable; transitions made elsewhere are "
-                                "learnt on this replica's next store call", extra={"error": str(exc)})
-            finally:
-                if sub is not None:
-                    await sub.close()
-            await asyncio.sleep(self.retry_seconds)
+        ready = self._ready
+        await follow(self.store, self.channel, resync=self._resync, on_message=self._on_message,
+                     on_state=lambda _ok: ready.set(), retry_seconds=self.retry_seconds,
+                     what="circuit breaker events", log=log,
+                     lost="circuit breaker events: store unreachable; transitions made elsewhere are learnt on "
+                          "this replica's next store call")
+
+    async def _resync(self) -> None:
+        assert self.store is not None
+        for name, spec in list(self.specs.items()):
+            r = await self.store.breaker(self.key(name), "read", spec.params, int(self.clock() * 1000), RECORD_TTL_MS)
+            self._absorb(name, r.state, r.opened_at_ms, r.version, r.consecutive, r.forced)
 
     async def close(self) -> None:
         task, self._task = self._task, None

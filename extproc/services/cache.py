@@ -64,7 +64,8 @@ from .. import config as cfgmod
 from .._proto.cache_entry_pb2 import CacheEntry
 from ..core import httpcache as hc
 from ..store import keys as storekeys
-from ..store.base import Store, StoreError, Subscription
+from ..store.base import Store, StoreError
+from ..store.follow import follow
 from ..telemetry import metrics
 
 log = logging.getLogger("extproc.cache")
@@ -273,7 +274,6 @@ class PurgeLog:
         self.synced = store is None
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
-        self._lost_logged = False
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._records.values())
@@ -350,40 +350,29 @@ class PurgeLog:
 
     async def _follow(self) -> None:
         assert self.store is not None and self._ready is not None
-        while True:
-            sub: Subscription | None = None
-            try:
-                sub = await self.store.subscribe(self.channel)
-                now = self.clock()
-                for member, at in await self.store.zrange_from(self.index_key, (now - self.horizon_s) * 1000):
-                    p = Purge.parse(member, at)
-                    if p is not None:
-                        self.apply(p)
-                self.trim(now)
-                self.synced = True
-                self._ready.set()
-                if self._lost_logged:
-                    self._lost_logged = False
-                    log.info("cache purge records resynced")
-                async for raw in sub:
-                    p = Purge.from_message(raw)
-                    if p is not None:
-                        self.apply(p)
-                        metrics.CACHE_INVALIDATION_LAG.observe(max(0.0, self.clock() - p.at_ms / 1000))
-                raise StoreError("cache purge subscription ended", transient=True)
-            except Exception as exc:  # noqa: BLE001 - the follower must outlive any failure
-                self.synced = False
-                self._ready.set()
-                if not self._lost_logged:
-                    self._lost_logged = True
-                    if not isinstance(exc, StoreError):
-                        log.exception("cache purge follower failed")
-                    log.warning("cache purge records: store unreachable; the shared tier is skipped until "
-                                "they are resynced", extra={"error": str(exc), "retry_seconds": self.retry_seconds})
-            finally:
-                if sub is not None:
-                    await sub.close()
-            await asyncio.sleep(self.retry_seconds)
+        await follow(self.store, self.channel, resync=self._resync, on_message=self._on_message,
+                     on_state=self._on_state, retry_seconds=self.retry_seconds, what="cache purge records", log=log,
+                     lost="cache purge records: store unreachable; the shared tier is skipped until they are resynced")
+
+    async def _resync(self) -> None:
+        assert self.store is not None
+        now = self.clock()
+        for member, at in await self.store.zrange_from(self.index_key, (now - self.horizon_s) * 1000):
+            p = Purge.parse(member, at)
+            if p is not None:
+                self.apply(p)
+        self.trim(now)
+
+    def _on_message(self, raw: bytes) -> None:
+        p = Purge.from_message(raw)
+        if p is not None:
+            self.apply(p)
+            metrics.CACHE_INVALIDATION_LAG.observe(max(0.0, self.clock() - p.at_ms / 1000))
+
+    def _on_state(self, synced: bool) -> None:
+        self.synced = synced
+        assert self._ready is not None
+        self._ready.set()
 
     async def close(self) -> None:
         task, self._task = self._task, None
