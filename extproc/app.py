@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -34,6 +34,7 @@ from .core.jwt import KeySet, ProviderRules
 from .core.policy import CompiledPolicy, PolicySet, ProviderPlan
 from .services import accesslog, ratelimit_service
 from .services.authz import AuthorizationService
+from .services.authz import add_to_server as add_authz_to_server
 from .services.identity import Identity
 from .services.jwks import KeySource
 from .services.processor import ExternalProcessorService
@@ -221,6 +222,7 @@ class Worker:
         # one state per upstream for the fleet (the store); the local record when the store is down
         self.breakers = Breakers(cfg.circuit_breakers, self.store, self.local_limits)
         self.processor: ExternalProcessorService | None = None
+        self.authz: AuthorizationService | None = None
         self.runtime = Runtime.build(cfg, self.revocations, self.apikeys, store=self.store,
                                      fallback=self.local_limits)
         self.store_up: bool | None = None
@@ -246,8 +248,8 @@ class Worker:
             maximum_concurrent_rpcs=self.cfg.server.max_in_flight,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                      ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)])
-        authz = AuthorizationService(self.runtime_ref, breakers=self.breakers)
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
+        self.authz = authz = AuthorizationService(self.runtime_ref, breakers=self.breakers)
+        add_authz_to_server(authz, server)
         from .telemetry import tracing
 
         tracing.setup(self.cfg.telemetry.tracing)       # per process: each worker exports its own spans

@@ -43,6 +43,11 @@ def _from_header(req: Request, src: Source) -> str | object | None:
     value = req.headers.get(src.name)
     if value is None:
         return None
+    return header_value(value, src)
+
+
+def header_value(value: str, src: Source) -> str | object | None:
+    """The credential in one header's value (its scheme prefix removed), AMBIGUOUS or None."""
     if src.prefix:
         if value[:len(src.prefix)].lower() != src.prefix:
             return None
@@ -53,6 +58,12 @@ def _from_header(req: Request, src: Source) -> str | object | None:
     if "," in value:
         return AMBIGUOUS
     return value
+
+
+def extract_header(value: str, src: Source) -> str | None:
+    """The credential in a header value, None when absent or ambiguous."""
+    got = header_value(value, src)
+    return got if isinstance(got, str) else None
 
 
 def _from_cookie(req: Request, src: Source) -> str | object | None:

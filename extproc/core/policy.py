@@ -235,6 +235,10 @@ class DecisionCache:
         self._entries.move_to_end(key)
         return g
 
+    def peek(self, policy: str, credential: str) -> Granted | None:
+        """The entry as it is: no expiry check, no LRU move (the caller checks what it needs)."""
+        return self._entries.get((policy, credential))
+
     def put(self, policy: str, credential: str, g: Granted) -> None:
         key = (policy, credential)
         self._entries[key] = g

@@ -166,6 +166,12 @@ class Identity:
             return None, unauthenticated(policy, Reason.TOKEN_MALFORMED, "credential not accepted"), ""
         return None, unauthenticated(policy, best.reason, best.detail), ""
 
+    def still_granted(self, g, provider: str, policy: CompiledPolicy, now: float) -> bool:
+        """What a decision-cache hit checks besides expiry: granted by this provider, signing key
+        still published, not revoked (nor revocations unknown on a fail-closed provider)."""
+        return (g.principal.provider == provider and self._still_valid(g, provider)
+                and self._revoked(g.principal, g.jti, g.digest, g.iat, now, policy) is None)
+
     def _still_valid(self, g, provider: str) -> bool:
         if not g.kid:
             return True

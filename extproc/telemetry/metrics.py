@@ -153,6 +153,16 @@ READY = Gauge(
     "extproc_ready", "1 while serving (config loaded, not draining).", multiprocess_mode="livemin")
 
 
+def observe_many(histogram, buckets: list[int], total: float) -> None:
+    """Add counted observations to a histogram child: `buckets[i]` observations fell in its i-th
+    bucket (the first upper bound >= the value), summing to `total`. What `observe()` does per
+    value, once per batch (tests/unit/test_observability.py holds it to `observe()`)."""
+    histogram._sum.inc(total)
+    for i, n in enumerate(buckets):
+        if n:
+            histogram._buckets[i].inc(n)
+
+
 @functools.lru_cache(maxsize=8192)
 def child(metric, *labels: str):
     """A labelled child, cached: `labels()` costs microseconds, this lookup does not.

@@ -1,0 +1,220 @@
+"""The express lane of ext_authz: a repeat credential answered with the bytes it got last time.
+
+A repeat JWT already costs no signature check (the decision cache), but the full path still
+builds a Request, walks the policy steps, builds a CheckResponse (headers, dynamic metadata)
+and serialises it, and makes four metric calls: on a busy sidecar that is as much CPU again as
+the gRPC call itself. When nothing in a policy's decision depends on the request beyond the
+credential, the answer to a repeat credential is the same reply every time, so:
+
+* A policy is *express* when its allowed answer depends only on the credential: it has
+  providers (any_of), no IP list, no authorization rules, no all_of, no revoke-on-use, its
+  first provider reads exactly one header, no rate-limit rule can match it, no lean circuit
+  breaker guards it, and neither decision logs, DEBUG logging nor tracing are on (those write
+  per-request fields). Worked out once per config (Runtime).
+* After the full path allows a request of an express policy from a grant of its first provider
+  (Reason OK, not shadowed, no query parameter stripped), the serialised reply is kept here,
+  keyed by (policy, the raw header value), bounded (LRU, `max_entries`).
+* A later request with the byte-identical header value is answered with those bytes once the
+  same O(1) checks the decision cache's hit makes still hold: not expired, signing key still
+  published, not revoked (the local fleet-wide deny-list, and fail-closed revocation while the
+  list is incomplete). Anything else — a header over the size bound, a query string when a
+  credential may be in it, a failed check — goes down the full path, which decides and
+  answers exactly as before (a revoked token then gets its 401 there).
+* The per-request parts are added to the stored bytes, not rebuilt: the Server-Timing header is
+  a second serialised CheckResponse appended (protobuf merges concatenated messages: repeated
+  fields append). Metrics are counted in plain integers and added to their Prometheus children
+  once per event-loop turn (`Tally`), so the counters are exact and at most one turn late.
+
+A new config builds a new Runtime, and with it an empty express table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+
+from ..core.credentials import extract_header
+from ..core.decision import Decision
+from ..core.policy import CompiledPolicy, Granted
+from ..core.reasons import Reason
+from ..telemetry import metrics
+
+MAX_ENTRIES = 10_000
+
+
+def timing_bytes(ms: float) -> bytes:
+    """A serialised CheckResponse carrying only `server-timing: authz;dur=<ms>`, to append."""
+    value = f"authz;dur={ms:.3f}"
+    template = _TIMING.get(len(value))
+    if template is None:
+        template = pb.CheckResponse(ok_response=pb.OkHttpResponse(response_headers_to_add=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="server-timing", value="\x00" * len(value)),
+                                       append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]),
+        ).SerializeToString()
+        if len(_TIMING) < 64:
+            _TIMING[len(value)] = template
+    return template.replace(b"\x00" * len(value), value.encode())
+
+
+_TIMING: dict[int, bytes] = {}
+
+
+@dataclass(slots=True)
+class Entry:
+    granted: Granted
+    policy: CompiledPolicy
+    provider: str
+    reply: bytes                       # the serialised CheckResponse, without Server-Timing
+    counters: tuple                    # the metric children a hit increments
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """An express policy: where its credential is and what its reply counts."""
+    policy: CompiledPolicy
+    provider: str
+    header: str                        # the one header its first provider reads
+    label: str                         # the policy's metric label
+
+
+class Tally:
+    """Hot-path counts added to their Prometheus children once per event-loop turn."""
+
+    def __init__(self, histogram) -> None:
+        self._counts: dict[tuple, int] = {}
+        self._hist = histogram
+        self._bounds = list(getattr(histogram, "_upper_bounds", ()))
+        self._buckets = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._scheduled = False
+
+    def add(self, counters: tuple, seconds: float) -> None:
+        self._counts[counters] = self._counts.get(counters, 0) + 1
+        if self._bounds:
+            self._buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+            self._sum += seconds
+        else:
+            self._hist.observe(seconds)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        counts, self._counts = self._counts, {}
+        for counters, n in counts.items():
+            for c in counters:
+                c.inc(n)
+        if self._sum or any(self._buckets):
+            metrics.observe_many(self._hist, self._buckets, self._sum)
+            self._buckets = [0] * len(self._bounds)
+            self._sum = 0.0
+
+
+class Express:
+    """The express table of one Runtime (see the module docstring)."""
+
+    def __init__(self, rt, max_entries: int = MAX_ENTRIES) -> None:
+        self.rt = rt
+        self.max_entries = max_entries
+        self.lanes: dict[str, Lane] = {}
+        self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self.hits = 0
+        cfg = rt.config
+        if cfg.telemetry.decision_logs:
+            return
+        policies = rt.policies
+        query = bool(policies.credential_query_params)
+        for name, policy in policies.policies.items():
+            lane = _lane(policy, policies.providers, rt)
+            if lane is not None:
+                self.lanes[name] = lane
+        if policies.default is not None and policies.default in self.lanes:
+            self.lanes[""] = self.lanes[policies.default]
+        self._query = query
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, request: pb.CheckRequest, now: float) -> Entry | None:
+        attrs = request.attributes
+        lane = self.lanes.get(attrs.context_extensions.get("policy", ""))
+        if lane is None:
+            return None
+        http = attrs.request.http
+        raw = http.headers.get(lane.header)
+        if raw is None:
+            return None
+        entry = self._entries.get((lane.policy.name, raw))
+        if entry is None:
+            return None
+        g = entry.granted
+        if now >= g.expires_at:
+            del self._entries[(lane.policy.name, raw)]
+            return None
+        if self._query and "?" in http.path:
+            return None
+        if http.ByteSize() > self.rt.max_header_bytes:
+            return None      # maybe too large: the full path counts the header bytes exactly
+        identity = self.rt.identity
+        if not identity.still_granted(g, entry.provider, entry.policy, now):
+            return None
+        self._entries.move_to_end((lane.policy.name, raw))
+        self.hits += 1
+        return entry
+
+    def learn(self, request: pb.CheckRequest, decision: Decision, now: float, build) -> None:
+        """After the full path allowed a request: keep its reply when it qualifies. `build`
+        turns the Decision into the CheckResponse the full path sends."""
+        if decision.reason is not Reason.OK or decision.would_deny or decision.remove_query:
+            return
+        attrs = request.attributes
+        lane = self.lanes.get(attrs.context_extensions.get("policy", ""))
+        if lane is None or decision.policy != lane.policy.name:
+            return
+        raw = attrs.request.http.headers.get(lane.header)
+        if raw is None:
+            return
+        plan = self.rt.policies.providers[lane.provider]
+        token = extract_header(raw, plan.sources[0])
+        if token is None:
+            return
+        g = self.rt.identity.decisions.peek(lane.policy.name, token)
+        if g is None or g.principal is not decision.principal or g.principal.provider != lane.provider:
+            return
+        if g.headers != decision.headers or g.remove != decision.remove_headers or g.metadata is not decision.metadata:
+            return
+        if now >= g.expires_at:
+            return
+        reply = build(decision).SerializeToString()
+        counters = (metrics.child(metrics.DECISIONS, "authz", lane.label, "allow", Reason.OK.value),
+                    metrics.child(metrics.AUTH_DECISIONS, lane.label, "allow"),
+                    metrics.child(metrics.AUTH_CACHE, "hit"))
+        key = (lane.policy.name, raw)
+        self._entries[key] = Entry(g, lane.policy, lane.provider, reply, counters)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+def _lane(policy: CompiledPolicy, plans, rt) -> Lane | None:
+    if (policy.public or policy.ip is not None or policy.rules is not None or policy.all_of
+            or policy.revoke_presented or not policy.any_of):
+        return None
+    provider = policy.any_of[0]
+    plan = plans.get(provider)
+    if plan is None or len(plan.sources) != 1 or plan.sources[0].kind != "header":
+        return None
+    limiter = rt.ratelimiter
+    if limiter is not None and any((not r.policies or policy.name in r.policies) and not r.api_key_tiers
+                                   for r in limiter.rules):
+        return None      # a rule may count this request (rules by API-key tier never match a JWT)
+    if any(b.wiring == "lean" and policy.name in b.policies for b in rt.config.circuit_breakers.upstreams.values()):
+        return None
+    return Lane(policy, provider, plan.sources[0].name, rt.policy_label(policy.name))
+

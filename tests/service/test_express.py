@@ -1,0 +1,264 @@
+"""The express lane (services/express.py): a repeat credential of a policy whose answer depends on
+nothing else gets the stored reply bytes — and only while the full path would give the same one.
+
+Driven through the real Worker's gRPC Check. Each test first shows the lane answering (its hit
+count moves and the reply is the full path's), then changes one thing the full path checks
+(revocation, the signing key, expiry, the header, the config) and shows the answer follows.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+
+from extproc import config as cfgmod
+from extproc.app import Runtime
+from extproc.demo import idp
+from extproc.services import express as expressmod
+from tests.service.conftest import (
+    Running,
+    Sidecar,
+    check_request,
+    denied_body,
+    eventually,
+    header_options,
+    run,
+    sample,
+    write_atomic,
+)
+from tests.support.keyserver import KeyServer
+
+OK, UNAUTHENTICATED = 0, 16
+
+
+def hits(rt: Running) -> int:
+    authz = rt.worker.authz
+    assert authz is not None and authz._express is not None
+    return authz._express.hits
+
+
+def without_timing(resp: pb.CheckResponse) -> pb.CheckResponse:
+    """The reply with its per-request Server-Timing header taken out."""
+    out = pb.CheckResponse()
+    out.CopyFrom(resp)
+    keep = [o for o in out.ok_response.response_headers_to_add if o.header.key != "server-timing"]
+    del out.ok_response.response_headers_to_add[:]
+    out.ok_response.response_headers_to_add.extend(keep)
+    return out
+
+
+def decisions(policy: str) -> float:
+    return sample("extproc_decisions_total", service="authz", policy=policy, result="allow", reason="ok")
+
+
+def test_a_repeat_token_gets_the_full_paths_reply_and_is_counted(sidecar: Sidecar):
+    async def body():
+        async with sidecar.run(sidecar.config()) as rt:
+            token = sidecar.token("alice")
+            first = await rt.check(check_request(policy="api", token=token, headers={"x-jwt-sub": "mallory"}))
+            assert first.status.code == OK and hits(rt) == 0
+            before = (decisions("api"), sample("gateway_auth_decisions_total", policy="api", result="allow"),
+                      sample("extproc_auth_cache_total", result="hit"),
+                      sample("extproc_decision_duration_seconds_count", service="authz"))
+            replies = [await rt.check(check_request(policy="api", token=token)) for _ in range(5)]
+            assert hits(rt) == 5
+            for r in replies:
+                assert without_timing(r) == without_timing(first)
+                assert header_options(r.ok_response.headers) == {"x-jwt-sub": "alice"}
+                assert list(r.ok_response.headers_to_remove) == list(first.ok_response.headers_to_remove)
+                assert dict(r.dynamic_metadata)["sub"] == "alice"
+                timing = header_options(r.ok_response.response_headers_to_add)["server-timing"]
+                assert timing.startswith("authz;dur=") and float(timing.split("=")[1]) >= 0
+            # counted like the full path's cache hits, exactly (added once per event-loop turn)
+            await eventually(lambda: decisions("api") == before[0] + 5, what="decisions counted")
+            assert sample("gateway_auth_decisions_total", policy="api", result="allow") == before[1] + 5
+            assert sample("extproc_auth_cache_total", result="hit") == before[2] + 5
+            assert sample("extproc_decision_duration_seconds_count", service="authz") == before[3] + 5
+            # the default policy (no policy named by the route) takes the same lane and entry
+            assert (await rt.check(check_request(token=token))).status.code == OK
+            assert hits(rt) == 6
+    run(body)
+
+
+def test_a_revoked_token_is_refused_at_once(sidecar: Sidecar):
+    async def body():
+        async with sidecar.run(sidecar.config()) as rt:
+            token = sidecar.token("alice")
+            for _ in range(3):
+                assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            assert hits(rt) == 2
+            claims = _claims(token)
+            await rt.worker.revocations.revoke_token(claims["jti"], claims["exp"])
+            resp = await rt.check(check_request(policy="api", token=token))
+            assert resp.status.code == UNAUTHENTICATED
+            assert denied_body(resp)["reason"] == "token_revoked"
+            assert hits(rt) == 2
+            # and every token of a subject ("log out everywhere")
+            other = sidecar.token("bob", now=time.time() - 5)
+            for _ in range(2):
+                assert (await rt.check(check_request(policy="api", token=other))).status.code == OK
+            await rt.worker.revocations.revoke_subject("bob", time.time())
+            assert denied_body(await rt.check(check_request(policy="api", token=other)))["reason"] == "token_revoked"
+    run(body)
+
+
+def test_a_key_gone_from_the_jwks_stops_its_tokens(sidecar: Sidecar):
+    a, b = idp.generate(), idp.generate()
+    with KeyServer() as keys:
+        keys.publish("/jwks", a.jwks())
+        cfg = sidecar.config()
+        cfg["providers"]["demo"] = {"issuer": idp.DEMO_ISSUER, "audiences": [idp.DEMO_AUDIENCE],
+                                    "algorithms": ["RS256"], "jwks_uri": keys.url("/jwks"),
+                                    "claims_to_headers": {"sub": "x-jwt-sub"}, "unknown_kid_refetch_seconds": 0.1}
+
+        async def body():
+            async with sidecar.run(cfg) as rt:
+                old = a.mint("alice")
+                for _ in range(2):
+                    assert (await rt.check(check_request(policy="api", token=old))).status.code == OK
+                assert hits(rt) == 1
+                keys.publish("/jwks", b.jwks())        # rotated: key a is no longer published
+                # a token of the new key makes the sidecar refetch (unknown kid)
+                await eventually(lambda: _ok(rt, b.mint("carol")), what="the new key accepted")
+                resp = await rt.check(check_request(policy="api", token=old))
+                assert resp.status.code == UNAUTHENTICATED, resp
+                assert hits(rt) == 1
+        run(body)
+
+
+async def _ok(rt: Running, token: str) -> bool:
+    return (await rt.check(check_request(policy="api", token=token))).status.code == OK
+
+
+def test_an_expired_token_is_refused(sidecar: Sidecar):
+    cfg = sidecar.config()
+    cfg["providers"]["demo"]["leeway_seconds"] = 0
+
+    async def body():
+        async with sidecar.run(cfg) as rt:
+            token = sidecar.token("alice", ttl_seconds=1)
+            assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            assert hits(rt) == 1
+
+            async def refused() -> bool:
+                resp = await rt.check(check_request(policy="api", token=token))
+                return resp.status.code == UNAUTHENTICATED and denied_body(resp)["reason"] == "jwt_expired"
+            await eventually(refused, within=5, what="the token expired")
+    run(body)
+
+
+def test_what_the_stored_reply_does_not_cover_goes_down_the_full_path(sidecar: Sidecar):
+    async def body():
+        async with sidecar.run(sidecar.config()) as rt:
+            token = sidecar.token("alice")
+            assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            assert hits(rt) == 1
+            # two Authorization headers (Envoy joins them): ambiguous, whatever was cached
+            two = check_request(policy="api", token=token)
+            two.attributes.request.http.headers["authorization"] = f"Bearer {token},Bearer {token}"
+            resp = await rt.check(two)
+            assert resp.status.code == UNAUTHENTICATED and denied_body(resp)["reason"] == "token_ambiguous"
+            # headers past the bound: 431 from the full path
+            big = check_request(policy="api", token=token, headers={"x-big": "x" * 70_000})
+            resp = await rt.check(big)
+            assert resp.denied_response.status.code == 431
+            # a public policy is never in the lane
+            assert (await rt.check(check_request(policy="public", token=token))).status.code == OK
+            assert (await rt.check(check_request(policy="public", token=token))).status.code == OK
+            assert hits(rt) == 1
+    run(body)
+
+
+def test_a_reload_starts_an_empty_table(sidecar: Sidecar):
+    cfg = sidecar.config()
+
+    async def body():
+        async with sidecar.run(cfg, config_file=True) as rt:
+            token = sidecar.token("alice")
+            for _ in range(2):
+                assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            assert hits(rt) == 1
+            cfg["policies"]["api"]["auth"]["scopes"] = ["orders:read"]    # alice's token has none
+            assert rt.config_path is not None
+            write_atomic(rt.config_path, yaml.safe_dump(cfg, sort_keys=False))
+            assert await rt.worker.reload("test") == (True, "reloaded")
+            resp = await rt.check(check_request(policy="api", token=token))
+            assert resp.denied_response.status.code == 403
+            assert hits(rt) == 0
+    run(body)
+
+
+def _claims(token: str) -> dict[str, Any]:
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def _lanes(sidecar: Sidecar, change) -> set[str]:
+    cfg = sidecar.config()
+    change(cfg)
+    return set(expressmod.Express(Runtime.build(cfgmod.Config.model_validate(cfg))).lanes)
+
+
+def test_which_policies_take_the_lane(sidecar: Sidecar):
+    assert _lanes(sidecar, lambda c: None) == {"api", "", "api-shadow"}     # "": the default policy
+
+    def rules(c):
+        c["policies"]["api"]["rules"] = [{"name": "no-delete", "effect": "deny", "when": {"methods": ["DELETE"]}}]
+    assert "api" not in _lanes(sidecar, rules)
+
+    def ip(c):
+        c["policies"]["api"]["ip"] = {"allow": ["10.0.0.0/8"]}
+    assert "api" not in _lanes(sidecar, ip)
+
+    def limited(c):
+        c["rate_limits"] = {"rules": [{"name": "per-user", "policies": ["api"], "count_by": ["user"], "limit": 10}]}
+    assert _lanes(sidecar, limited) == {"api-shadow"}      # and not the default, which is api
+
+    def limited_everywhere(c):
+        c["rate_limits"] = {"rules": [{"name": "per-ip", "count_by": ["ip"], "limit": 10}]}
+    assert _lanes(sidecar, limited_everywhere) == set()
+
+    def tier_only(c):
+        c["rate_limits"] = {"rules": [{"name": "free", "api_key_tiers": ["free"], "count_by": ["api_key"],
+                                       "limit": 10}]}
+    assert "api" in _lanes(sidecar, tier_only)
+
+    def cookie(c):
+        c["providers"]["demo"]["token_sources"] = [{"header": "authorization", "prefix": "Bearer "},
+                                                    {"cookie": "session"}]
+    assert _lanes(sidecar, cookie) == set()
+
+    def logs(c):
+        c["telemetry"] = {"decision_logs": True}
+    assert _lanes(sidecar, logs) == set()
+
+
+def test_observe_many_is_observe():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from extproc.telemetry import metrics
+
+    reg = CollectorRegistry()
+    a = Histogram("a_seconds", "a", ["s"], buckets=(0.001, 0.01, 0.1), registry=reg).labels("x")
+    b = Histogram("b_seconds", "b", ["s"], buckets=(0.001, 0.01, 0.1), registry=reg).labels("x")
+    values = [0.0005, 0.001, 0.002, 0.05, 0.5, 2.0, 0.01]
+    tally = expressmod.Tally(b)
+    for v in values:
+        a.observe(v)
+    buckets = [0] * 4
+    import bisect
+
+    for v in values:
+        buckets[bisect.bisect_left(tally._bounds, v)] += 1
+    metrics.observe_many(b, buckets, sum(values))
+
+    def samples(name: str) -> list[tuple[str, float]]:
+        return [(s.labels.get("le", s.name[len(name):]), s.value)
+                for m in reg.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")]
+    assert samples("a_seconds") == samples("b_seconds")
