@@ -152,6 +152,8 @@ class Runtime:
             # same rules: what is known to be over its limit still is (counters live in the store,
             # keyed by rule, partition, algorithm and period, so a reload never resets them)
             ratelimiter.deny_cache = previous.ratelimiter.deny_cache
+        if previous is not None:
+            ratelimiter.adopt(previous.ratelimiter)    # batched rules' local counts of unchanged rules
         return cls(config=cfg, policies=policies, max_header_bytes=cfg.server.max_header_bytes, identity=identity,
                    keys=keys, sources=sources, introspectors=introspectors, ratelimiter=ratelimiter)
 
@@ -159,6 +161,8 @@ class Runtime:
         await asyncio.gather(*(s.start() for s in self.sources.values()))
 
     async def close(self) -> None:
+        if self.ratelimiter is not None:
+            await self.ratelimiter.close()     # batched rate-limit rules: a last flush to the store
         for s in self.sources.values():
             await s.close()
         for i in self.introspectors.values():

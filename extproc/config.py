@@ -395,6 +395,29 @@ class TierLimit(_Closed):
     burst: Annotated[int, Field(ge=1)] | None = None
 
 
+class RateSync(_Closed):
+    """How a rate rule's counter meets the store: `per_request` (the default: every request is
+    checked and charged in the store, exact) or `batched` for very hot keys: decided against the
+    last known store state and charged every `interval_ms` in one batch. Between two syncs a
+    replica can admit past the limit at most what it admits locally in that time (never more than
+    the remaining it last saw): docs/ratelimit-batched.md has the bound and the measured figure."""
+    mode: Literal["per_request", "batched"] = "per_request"
+    interval_ms: Annotated[int, Field(ge=1, le=1000)] | None = None    # batched: default 5
+
+    @model_validator(mode="after")
+    def _interval(self) -> RateSync:
+        if self.mode == "per_request" and self.interval_ms is not None:
+            raise ValueError("interval_ms applies to mode: batched only")
+        return self
+
+    @property
+    def batch_ms(self) -> int:
+        """The flush interval of a batched rule; 0 for per_request."""
+        if self.mode != "batched":
+            return 0
+        return 5 if self.interval_ms is None else self.interval_ms
+
+
 class RateRule(_Closed):
     """One rate limit: which requests it counts (`policies` + `when`), what it counts them by
     (`count_by`, e.g. [user] or [org, route]), and the algorithm, limit and period. All rules that
@@ -413,6 +436,7 @@ class RateRule(_Closed):
     mode: Literal["enforce", "shadow"] = "enforce"
     fail: Literal["open", "closed"] = "open"                    # when the store cannot answer in time
     missing: Literal["skip", "ip"] = "skip"                     # a count_by part absent: skip the rule, or count by IP
+    sync: RateSync = Field(default_factory=RateSync)            # per_request, or batched for very hot keys
 
     @field_validator("period")
     @classmethod
@@ -431,6 +455,11 @@ class RateRule(_Closed):
             raise ValueError("a token bucket refills at a rate: use a fixed or sliding window for monthly quotas")
         if self.burst is not None and self.algorithm != "token_bucket":
             raise ValueError("burst applies to token_bucket only")
+        if self.sync.mode == "batched" and self.fail == "closed":
+            # fail: closed promises nothing is admitted that the store has not counted; a batched
+            # rule admits between syncs by design
+            raise ValueError("sync mode batched admits between store syncs, which fail: closed forbids: "
+                             "use fail: open with batched, or sync mode per_request")
         return self
 
 

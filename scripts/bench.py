@@ -193,7 +193,11 @@ class Variant:
 # the extproc sidecars: name -> rate-limit store (None: no rate_limits section, in-memory store).
 # Each is its own `extproc serve` process with its own gRPC cluster in Envoy.
 SIDECARS: dict[str, str | None] = {"extproc": None, "extproc_rl_memory": "memory", "extproc_rl_redis": "redis",
+                                   "extproc_rl_batched": "redis",
                                    "extproc_cache": None, "extproc_cache_lru": None, BREAKER_SIDECAR: None}
+# the rate-limited sidecars whose rules are batched (decided locally, charged to Redis every 5 ms)
+BATCHED_SIDECARS = frozenset({"extproc_rl_batched"})
+BATCH_SYNC = {"mode": "batched", "interval_ms": 5}
 RATELIMIT_SIDECARS = frozenset(k for k, store in SIDECARS.items() if store)
 # the response-cache sidecars: name -> cache.memory_max_bytes; the same `cache:` rules, in-memory store
 CACHE_SIDECARS: dict[str, int] = {"extproc_cache": CACHE_MEMORY_BYTES, "extproc_cache_lru": LRU_MEMORY_BYTES}
@@ -252,6 +256,9 @@ VARIANTS = (
             ("authz",), "extproc_rl_memory", "floor_authz", denies_without_token=True, baseline="extproc_authz"),
     Variant("extproc_ratelimit_redis", "l", "extproc ext_authz (policy api) + 2 rate-limit rules, Redis store",
             ("authz",), "extproc_rl_redis", "floor_authz", denies_without_token=True, baseline="extproc_authz"),
+    Variant("extproc_ratelimit_batched", "G", "extproc ext_authz (policy api) + 2 batched rate-limit rules (5 ms "
+            "syncs), Redis store", ("authz",), "extproc_rl_batched", "floor_authz", denies_without_token=True,
+            baseline="extproc_authz"),
     Variant("extproc_ext_proc", "e", "extproc ext_proc", ("ext_proc",), "extproc", "floor_ext_proc"),
     Variant("extproc_both", "f", "extproc ext_authz + ext_proc", ("authz", "ext_proc"), "extproc", "floor_both",
             denies_without_token=True),
@@ -729,7 +736,8 @@ def envoy_bootstrap(variants: list[Variant], ports: Ports, jwks: dict[str, dict]
 def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extproc",
                    store_timeout_ms: int = STORE_TIMEOUT_MS) -> dict:
     """The `extproc` sidecar's config; the rate-limited sidecars add RATELIMIT_RULES on their store
-    (the demo's store_timeout_ms and local_fallback defaults unless --store-timeout-ms says otherwise),
+    (the demo's store_timeout_ms and local_fallback defaults unless --store-timeout-ms says otherwise;
+    in `sync: {mode: batched}` on BATCHED_SIDECARS),
     the cache sidecars a `cache:` section (CACHE_RULES, their own memory_max_bytes), the breaker
     sidecar a `circuit_breakers:` section (BREAKERS) and an admin token (from ADMIN_TOKEN_ENV, so
     that the bench can force breakers open), and they differ in nothing else."""
@@ -759,8 +767,9 @@ def sidecar_config(ports: Ports, jwks_paths: dict[str, Path], name: str = "extpr
         "unknown_policy": "deny",
     }
     if store:
+        rules = [{**r, "sync": BATCH_SYNC} for r in RATELIMIT_RULES] if name in BATCHED_SIDECARS else RATELIMIT_RULES
         cfg["rate_limits"] = {"store_timeout_ms": store_timeout_ms, "local_fallback": True, "headers": True,
-                              "rules": RATELIMIT_RULES}
+                              "rules": rules}
     if name in CACHE_SIDECARS:
         # the in-process tier only (the store is in-memory: there is no shared tier to go to)
         cfg["cache"] = {"memory_max_bytes": CACHE_SIDECARS[name], "shared": False, "rules": CACHE_RULES}

@@ -11,7 +11,25 @@ slot. Shadow rules are sent as separate calls in the same event-loop tick (the s
 them into the same round trip), so a shadow rule's rejection never changes what is charged.
 
 A key known to be over its limit is remembered locally until its reset (no store call for a
-flood from one client). When the store does not answer within `store_timeout_ms`: fail-open
+flood from one client).
+
+Batched rules (`sync: {mode: batched, interval_ms: N}`, for very hot keys) are decided against
+the last known store state with no store call on the request path (`core/ratebatch.py` says
+when a request still goes to the store: a cold, stale or spent key). Mixed with per-request
+rules, the batched rules are decided first and their units only *reserved*: a batched rule that
+rejects answers at once (no store call at all); otherwise the per-request rules go to the store
+and the reservation is confirmed when the request is admitted, released when it is not, so a
+rejected request is charged to no rule. One flusher task per RateLimiter (started on the
+running loop at the first batched decision, ended when no key is left, stopped by `close()`
+after a last flush) charges every key's pending units every interval in one store call (all
+admitted, the common case; else key by key, in one pipeline). A key the store refuses is then
+charged what remains (saturated, not under-counted); a flush that fails keeps its units for the
+next interval, and local decisions go on against the last known state (fail-open), the
+transition logged once. Shadow batched rules are decided and charged the same way and never
+enforced. On reload the new limiter adopts the keys of unchanged batched rules (`adopt`); the
+old one flushes the rest when it is closed.
+
+When the store does not answer within `store_timeout_ms`: fail-open
 rules keep limiting per replica on an in-memory store (`local_fallback`), fail-closed rules
 answer 503 with Retry-After (the client did nothing wrong); the transition is logged once.
 A count-by value that is absent (no user on an anonymous request) skips the rule, or counts by
@@ -36,7 +54,8 @@ from .. import config as cfgmod
 from ..core.authorize import Principal, RuleSet
 from ..core.decision import Decision, deny
 from ..core.policy import CompiledPolicy
-from ..core.ratelimit import DenyCache, Limit, Outcome, Verdict
+from ..core.ratebatch import BatchTable, Flush, Local, Route
+from ..core.ratelimit import DenyCache, Limit, Outcome, Verdict, refunded
 from ..core.reasons import Reason
 from ..core.request import Request
 from ..store import StoreError
@@ -59,6 +78,7 @@ class CompiledRule:
     shadow: bool
     fail_closed: bool
     missing_ip: bool
+    batch_ms: int = 0          # sync mode batched: the flush interval; 0: per request
 
 
 def _compile(rule: cfgmod.RateRule) -> CompiledRule:
@@ -72,7 +92,8 @@ def _compile(rule: cfgmod.RateRule) -> CompiledRule:
         name=rule.name, policies=frozenset(rule.policies), match=match, api_key_tiers=frozenset(rule.api_key_tiers),
         count_by=tuple(rule.count_by), limit=limit_for(rule.limit, rule.burst),
         tier_limits={t: limit_for(tl.limit, tl.burst) for t, tl in rule.tiers.items()},
-        shadow=rule.mode == "shadow", fail_closed=rule.fail == "closed", missing_ip=rule.missing == "ip")
+        shadow=rule.mode == "shadow", fail_closed=rule.fail == "closed", missing_ip=rule.missing == "ip",
+        batch_ms=rule.sync.batch_ms)
 
 
 def _part(kind: str, req: Request, policy: CompiledPolicy, p: Principal) -> str | None:
@@ -157,10 +178,19 @@ class Usage:
         return max(0, self.outcome.limit - self.outcome.remaining)
 
 
-class RateLimiter:
-    """All rate-limit rules of one config; counters live in the store (and survive reloads)."""
+#: Keys the batched rules of one RateLimiter hold locally; past it, new keys stay per-request.
+BATCH_MAX_KEYS = 10_000
+#: How often idle batched keys are looked for (they go after BatchTable.idle_ms unused).
+_EVICT_EVERY_MS = 100
+#: A flush is off the request path: it may wait longer than a request would.
+_FLUSH_TIMEOUT_S = 0.25
 
-    def __init__(self, cfg: cfgmod.RateLimits, store, fallback=None):
+
+class RateLimiter:
+    """All rate-limit rules of one config; counters live in the store (and survive reloads).
+    `clock` (Unix seconds) is for tests; `close()` flushes batched rules' pending units."""
+
+    def __init__(self, cfg: cfgmod.RateLimits, store, fallback=None, clock=time.time):
         self.cfg = cfg
         self.rules = tuple(_compile(r) for r in cfg.rules)
         self.store = store
@@ -169,6 +199,17 @@ class RateLimiter:
         self.deny_cache = DenyCache()
         self._store_ok = True
         self._refund_failures = getattr(store, "refund_failures", 0)
+        self._clock = clock
+        batched = [r.batch_ms for r in self.rules if r.batch_ms]
+        self._tick = min(batched) / 1000 if batched else None     # the flusher's period
+        self.batch = BatchTable(max_keys=BATCH_MAX_KEYS, grace_ms=cfg.store_timeout_ms)
+        self._flusher: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._closing = False
+        self._flush_timeout = max(self.timeout, _FLUSH_TIMEOUT_S)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     @property
     def empty(self) -> bool:
@@ -228,29 +269,89 @@ class RateLimiter:
         pairs = self.checks_for(req, policy, p)
         if not pairs:
             return None, None
-        now_ms = int(time.time() * 1000)
-        enforced = [(r, c) for r, c in pairs if not r.shadow]
-        shadow = [(r, c) for r, c in pairs if r.shadow]
+        now_ms = self._now_ms()
+        if self._tick is None or self._closing:
+            # no batched rule (or this limiter is being replaced): every rule per request
+            enforced = [(r, c) for r, c in pairs if not r.shadow]
+            shadow = [(r, c) for r, c in pairs if r.shadow]
+            decision, verdict, _ = await self._decide(policy, now_ms, enforced, shadow, [], [])
+            return decision, verdict
 
+        enforced, shadow = [], []
+        local: list[tuple[CompiledRule, RateCheck, Local]] = []
+        known_over: list[Outcome] = []
+        batched = False
+        for r, c in pairs:
+            if not r.batch_ms:
+                (shadow if r.shadow else enforced).append((r, c))
+                continue
+            batched = True
+            d = self.batch.decide(c.key, c.limit, c.units, now_ms, store_ok=self._store_ok)
+            metrics.child(metrics.RATELIMIT_BATCH_DECISIONS, r.name, d.route.value).inc()
+            if d.route is Route.STORE:
+                (shadow if r.shadow else enforced).append((r, c))
+            elif r.shadow:
+                self.batch.confirm(d, now_ms)        # charged like any shadow rule, never enforced
+                assert d.outcome is not None
+                metrics.child(metrics.RATELIMIT_DECISIONS, r.name,
+                              "shadow_ok" if d.outcome.allowed else "shadow_over_limit").inc()
+            elif d.route is not Route.LOCAL:          # OVER or CACHED: rejected here
+                assert d.outcome is not None
+                known_over.append(d.outcome)
+            else:
+                local.append((r, c, d))
+        if batched:
+            self._ensure_flusher()
+        admitted = False
+        try:
+            decision, verdict, admitted = await self._decide(policy, now_ms, enforced, shadow, local, known_over)
+        finally:
+            # reserved units become pending only for an admitted request (also when cancelled:
+            # a cancelled call decides deny)
+            for _, _, d in local:
+                if admitted:
+                    self.batch.confirm(d, now_ms)
+                else:
+                    self.batch.release(d)
+        return decision, verdict
+
+    async def _decide(self, policy: CompiledPolicy, now_ms: int, enforced: list, shadow: list,
+                      local: list[tuple[CompiledRule, RateCheck, Local]],
+                      known_over: list[Outcome]) -> tuple[Decision | None, Verdict | None, bool]:
+        """The request's rules that need the store, plus the batched ones decided locally:
+        (deny decision or None, verdict, admitted)."""
         # a key known to be over its limit answers without a store call
-        hits = [o for _, c in enforced if (o := self.deny_cache.lookup(c.key, c.units, now_ms)) is not None]
+        hits = list(known_over)
+        hits.extend(o for _, c in enforced if (o := self.deny_cache.lookup(c.key, c.units, now_ms)) is not None)
         if hits:
             verdict = Verdict.of(hits)
             for o in hits:
                 metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "over_limit_cached").inc()
-            return self._reject(policy, verdict), verdict
+            return self._reject(policy, verdict), verdict, False
 
-        calls = []
-        if enforced:
-            calls.append(self._call(self.store, [c for _, c in enforced]))
-        calls.extend(self._call(self.store, [c]) for _, c in shadow)
-        t0 = time.perf_counter()
-        if len(calls) == 1:
-            results = [await self._settle(calls[0])]      # the common case: no task, one round trip
-        else:
-            # shadow rules go as their own calls in the same loop tick: one pipelined round trip
-            results = await asyncio.gather(*calls, return_exceptions=True)
-        metrics.child(metrics.STORE_SECONDS, "rate_limit").observe(time.perf_counter() - t0)
+        results: list = []
+        if enforced or shadow:
+            calls = []
+            if enforced:
+                calls.append(self._call(self.store, [c for _, c in enforced]))
+            calls.extend(self._call(self.store, [c]) for _, c in shadow)
+            # batched rules' keys asked of the store: their answers update the batch table
+            tracked = [(r, c) for r, c in (*enforced, *shadow) if r.batch_ms] if self._tick is not None else []
+            for r, c in tracked:
+                self.batch.sending(c.key, c.limit, r.batch_ms, now_ms)
+            t0 = time.perf_counter()
+            try:
+                if len(calls) == 1:
+                    results = [await self._settle(calls[0])]      # the common case: no task, one round trip
+                else:
+                    # shadow rules go as their own calls in the same loop tick: one pipelined round trip
+                    results = await asyncio.gather(*calls, return_exceptions=True)
+                metrics.child(metrics.STORE_SECONDS, "rate_limit").observe(time.perf_counter() - t0)
+                if tracked:
+                    self._learn(enforced, shadow, results)
+            finally:
+                for _, c in tracked:
+                    self.batch.finish(c.key)
 
         outcomes: list[Outcome] = []
         if enforced:
@@ -258,7 +359,7 @@ class RateLimiter:
             if isinstance(first, BaseException):
                 decision, fallback_outcomes = await self._store_failed(first, policy, enforced)
                 if decision is not None:
-                    return decision, None
+                    return decision, None, False
                 outcomes = fallback_outcomes
             else:
                 self._mark_store(True)
@@ -275,20 +376,204 @@ class RateLimiter:
             o = res[0].outcome
             metrics.child(metrics.RATELIMIT_DECISIONS, rule.name, "shadow_over_limit" if not o.allowed
                           else "shadow_ok").inc()
+        outcomes.extend(d.outcome for _, _, d in local if d.outcome is not None)
         verdict = Verdict.of(outcomes) if outcomes else None
         if verdict is None:
-            return None, None
+            return None, None, True
         for o in outcomes:
             metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "ok" if o.allowed else "over_limit").inc()
             if o.allowed and o.remaining * 5 < o.limit:
                 # within 20 % of the limit: the early warning envoyproxy/ratelimit calls near_limit
                 metrics.child(metrics.RATELIMIT_DECISIONS, o.rule, "near_limit").inc()
         if verdict.allowed:
-            return None, verdict
+            return None, verdict, True
         for (_, c), o in zip(enforced, outcomes, strict=False):
             if not o.allowed:
                 self.deny_cache.remember(c.key, c.units, o, now_ms)
-        return self._reject(policy, verdict), verdict
+        if local:
+            # the batched rules' reservations are released: report them uncharged
+            n = len(outcomes) - len(local)
+            outcomes[n:] = [refunded(o, c.units) for o, (_, c, _) in zip(outcomes[n:], local, strict=True)]
+            verdict = Verdict.of(outcomes)
+        return self._reject(policy, verdict), verdict, False
+
+    def _learn(self, enforced: list, shadow: list, results: list) -> None:
+        """The store's answers about batched rules' keys: what those keys have left."""
+        now_ms = self._now_ms()
+        answered = []
+        if enforced and not isinstance(results[0], BaseException):
+            answered.extend(zip(enforced, (r.outcome for r in results[0]), strict=True))
+        for pair, res in zip(shadow, results[1 if enforced else 0:], strict=False):
+            if not isinstance(res, BaseException):
+                answered.append((pair, res[0].outcome))
+        for (rule, check), o in answered:
+            if rule.batch_ms:
+                self.batch.learn(check.key, check.limit, rule.batch_ms, o, check.units, now_ms)
+
+    # -- the batched rules' flusher -----------------------------------------------------------
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="rl-batch-flush")
+
+    async def _flush_loop(self) -> None:
+        """Every interval, charge the pending units; ends when no batched key is left (the
+        next batched decision starts it again) or after a last flush once `close()` asked."""
+        assert self._tick is not None
+        wake = self._wake = asyncio.Event()
+        last_evict = self._now_ms()
+        while True:
+            if not self._closing:
+                try:
+                    async with asyncio.timeout(self._tick):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+            closing = self._closing
+            try:
+                await self.flush(force=closing)
+            except Exception:  # noqa: BLE001 - the flusher must outlive any surprise
+                log.exception("rate-limit batch flush failed")
+            if closing:
+                metrics.RATELIMIT_BATCH_PENDING.set(self.batch.pending_units)
+                return
+            now = self._now_ms()
+            metrics.RATELIMIT_BATCH_PENDING.set(self.batch.pending_units)
+            if now - last_evict >= _EVICT_EVERY_MS:
+                last_evict = now
+                self.batch.evict(now)
+                metrics.RATELIMIT_BATCH_KEYS.set(len(self.batch))
+            if not len(self.batch):
+                metrics.RATELIMIT_BATCH_KEYS.set(0)
+                return
+
+    async def flush(self, force: bool = True) -> None:
+        """One sync: every due key's pending units (all of them with `force`) charged in ONE
+        store call, and the keys to refresh read in one more. The flusher calls it every
+        interval; tests and `close()` call it too."""
+        flushes, dropped = self.batch.take(self._now_ms(), force)
+        for name, units in dropped.items():
+            metrics.child(metrics.RATELIMIT_BATCH_UNITS, name, "dropped").inc(units)
+        if not flushes:
+            return
+        charges = [f for f in flushes if f.units]
+        refreshes = [f for f in flushes if not f.units]
+        if charges and refreshes:
+            results = await asyncio.gather(self._charge(charges), self._refresh(refreshes))
+            result = results[0] if results[0] != "ok" else results[1]
+        else:
+            result = await (self._charge(charges) if charges else self._refresh(refreshes))
+        metrics.child(metrics.RATELIMIT_BATCH_FLUSHES, result).inc()
+
+    async def _charge(self, flushes: list[Flush]) -> str:
+        """Every key's pending units as one request of the store (all admitted: the common case).
+        The store admits all or none, so when a key has fewer units left than it carries, each
+        key is charged on its own (`_flush_key`, in the same loop tick: one pipeline)."""
+        if len(flushes) == 1:
+            return await self._flush_key(flushes[0])
+        try:
+            async with asyncio.timeout(self._flush_timeout):
+                results = await self.store.rate_limit([RateCheck(f.entry.key, f.limit, f.units) for f in flushes])
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the units must not stay in flight
+            self._flush_failed(flushes, exc)
+            return "error"
+        self._mark_store(True)
+        if not all(r.charged for r in results):
+            # nothing was charged (across Cluster slots: refunded); key by key, with saturation
+            each = await asyncio.gather(*(self._flush_key(f) for f in flushes))
+            return "error" if "error" in each else "saturated" if "saturated" in each else "ok"
+        now = self._now_ms()
+        for f, r in zip(flushes, results, strict=True):
+            self.batch.settle(f, r.outcome, f.units, now)
+            metrics.child(metrics.RATELIMIT_BATCH_UNITS, f.limit.name, "charged").inc(f.units)
+        return "ok"
+
+    async def _refresh(self, flushes: list[Flush]) -> str:
+        """What the store holds now for keys used lately, charging nothing (the admin's read)."""
+        try:
+            async with asyncio.timeout(self._flush_timeout):
+                outcomes = await self.store.rate_usage([RateCheck(f.entry.key, f.limit) for f in flushes])
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the calls must be counted back
+            self._flush_failed(flushes, exc)
+            return "error"
+        self._mark_store(True)
+        now = self._now_ms()
+        for f, outcome in zip(flushes, outcomes, strict=True):
+            self.batch.settle(f, outcome, 0, now)
+        return "ok"
+
+    def _flush_failed(self, flushes: list[Flush], exc: BaseException) -> None:
+        if isinstance(exc, StoreError | TimeoutError):
+            kind = "timeout" if isinstance(exc, TimeoutError) or getattr(exc, "timeout", False) else "error"
+            metrics.child(metrics.STORE_ERRORS, getattr(self.store, "name", "store"), kind).inc()
+            self._mark_store(False, f"{type(exc).__name__}: {exc}")
+        else:
+            log.exception("rate-limit batch flush failed", exc_info=exc)
+        # kept for the next interval. A call that timed out may have been applied by the store:
+        # sent again, its units count twice (never under-counted)
+        now = self._now_ms()
+        for f in flushes:
+            over = self.batch.failed(f, now)
+            if over:
+                metrics.child(metrics.RATELIMIT_BATCH_UNITS, f.limit.name, "dropped").inc(over)
+
+    async def _flush_key(self, f: Flush) -> str:
+        """One key's pending units; when fewer remain, exactly what remains (saturation)."""
+        key, name = f.entry.key, f.limit.name
+        try:
+            async with asyncio.timeout(self._flush_timeout):
+                [res] = await self.store.rate_limit([RateCheck(key, f.limit, f.units)])
+                answer, charged = res.outcome, f.units if res.charged else 0
+                left = min(res.outcome.remaining, f.units - 1)
+                if not res.charged and left >= 1:
+                    # fewer units remain than were admitted: charge what remains, so the store
+                    # is saturated (every replica then sees the key exhausted), not under-counted
+                    [res] = await self.store.rate_limit([RateCheck(key, f.limit, left)])
+                    answer, charged = res.outcome, left if res.charged else 0
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the units must not stay in flight
+            self._flush_failed([f], exc)
+            return "error"
+        self._mark_store(True)
+        refused = self.batch.settle(f, answer, charged, self._now_ms())
+        if charged:
+            metrics.child(metrics.RATELIMIT_BATCH_UNITS, name, "charged").inc(charged)
+        if refused:
+            metrics.child(metrics.RATELIMIT_BATCH_UNITS, name, "refused").inc(refused)
+            return "saturated"
+        return "ok"
+
+    def adopt(self, previous: RateLimiter) -> int:
+        """After a reload: take over `previous`'s batched keys whose rule is unchanged (same
+        name, limit and store), pending units and all. Returns how many keys moved."""
+        if previous is self or previous.store is not self.store or self._tick is None:
+            return 0
+        batched = {r.name: r for r in self.rules if r.batch_ms}
+
+        def interval_for(entry) -> int | None:
+            rule = batched.get(entry.limit.name)
+            if rule is None or (entry.limit != rule.limit and entry.limit not in rule.tier_limits.values()):
+                return None
+            return rule.batch_ms
+
+        moved = self.batch.adopt(previous.batch, interval_for)
+        if moved:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return moved
+            self._ensure_flusher()
+        return moved
+
+    async def close(self) -> None:
+        """Stop the flusher after a last flush of every pending unit (reload, shutdown);
+        requests decided after this take every rule per request."""
+        self._closing = True
+        task = self._flusher
+        if task is not None and not task.done():
+            if self._wake is not None:
+                self._wake.set()
+            await asyncio.gather(task, return_exceptions=True)
+        elif self.batch.pending_units:
+            await self.flush()
 
     async def _store_failed(self, exc: BaseException, policy: CompiledPolicy, enforced):
         kind = "timeout" if isinstance(exc, TimeoutError) or getattr(exc, "timeout", False) else "error"
@@ -357,6 +642,7 @@ class RateLimiter:
         keys = list(dict.fromkeys(_state_key(rule, parts, lim) for lim in limits))
         for k in keys:
             self.deny_cache.forget(k)
+            self.batch.forget(k)
         n = await self.store.delete(*keys)
         if self.fallback is not None:
             await self.fallback.delete(*keys)
@@ -373,6 +659,7 @@ class RateLimiter:
             for k in keys:
                 if isinstance(k, str):
                     self.deny_cache.forget(k)
+                    self.batch.forget(k)
 
 
 def add_answer_headers(d: Decision, verdict: Verdict | None) -> Decision:

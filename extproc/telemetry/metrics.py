@@ -69,6 +69,26 @@ REVOCATION_COMPLETE = Gauge(
 RATELIMIT_DECISIONS = Counter(
     "gateway_ratelimit_decisions_total", "Rate-limit outcomes per rule (ok, near_limit, over_limit, over_limit_cached, "
     "shadow_ok, shadow_over_limit, local_fallback, fail_open, store_unavailable).", ["rule", "result"])
+RATELIMIT_BATCH_DECISIONS = Counter(
+    "gateway_ratelimit_batch_decisions_total", "Checks of batched rate-limit rules (sync mode batched) by where "
+    "they were decided: local (admitted, no store call), over (rejected locally: this replica's unsynced units "
+    "spent what was left), cached (rejected: the store said so until its Retry-After), store (unknown, stale, "
+    "new-window or exhausted key: a per-request store call).", ["rule", "path"])
+RATELIMIT_BATCH_FLUSHES = Counter(
+    "gateway_ratelimit_batch_flushes_total", "Syncs of batched rate-limit counters with the store, by result: ok, "
+    "saturated (some key's pending units refused: what remained was charged), error (units kept for the next "
+    "interval).", ["result"])
+RATELIMIT_BATCH_UNITS = Counter(
+    "gateway_ratelimit_batch_units_total", "Units admitted locally by batched rate-limit rules, by what the store "
+    "made of them: charged; refused (admitted past the limit: the over-admission); dropped (their window was "
+    "over, or past the limit while the store was down).", ["rule", "result"])
+RATELIMIT_BATCH_KEYS = Gauge(
+    "gateway_ratelimit_batch_keys", "Counter keys batched rate-limit rules hold locally (bounded).",
+    multiprocess_mode="livesum")
+RATELIMIT_BATCH_PENDING = Gauge(
+    "gateway_ratelimit_batch_pending_units", "Units batched rate-limit rules admitted locally and have not charged "
+    "to the store yet (grows while the store is down; bounded by each rule's limit per key).",
+    multiprocess_mode="livesum")
 STORE_SECONDS = Histogram(
     "extproc_store_duration_seconds", "Store round trips on the request path, by operation.", ["op"],
     buckets=_LATENCY_BUCKETS)

@@ -4,6 +4,7 @@ A smoke test only: it checks the bench produces numbers, never what the numbers 
 the fresh-token variant really sends a new token per request (extproc's decision cache misses)
 while the repeat-token variant is served from that cache, that the Redis rate-limit variant
 charges both its rules in Redis on every request (never the local fallback) and measures Redis' CPU,
+and the batched one decides both on every request without the fallback,
 and that the response-cache rows are what they claim: the hit row never reaches the upstream, the
 miss row stores a new key on every request, the bypass row never stores, Envoy's cache filter
 answers its row, and the LRU row evicts within its byte bound; and that the circuit-breaker rows
@@ -34,7 +35,7 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.fail("wrk is not installed: run ./scripts/setup --system (it installs wrk)")
     out = tmp_path / "bench.json"
-    variants = {"plain", "extproc_authz", "extproc_authz_fresh", "extproc_ratelimit_redis",
+    variants = {"plain", "extproc_authz", "extproc_authz_fresh", "extproc_ratelimit_redis", "extproc_ratelimit_batched",
                 "extproc_cache_hit", "extproc_cache_miss", "extproc_cache_bypass", "extproc_cache_lru", "native_cache",
                 # the circuit-breaker rows and the rows they are compared with (not the floor's x nor the
                 # attribute-only z: the smoke test stays within a minute)
@@ -96,6 +97,16 @@ def test_bench_quick_reports_the_variants(tmp_path: Path) -> None:
         assert limited["vs_baseline"]["variant"] == "extproc_authz"
         assert rows[("extproc_authz", conns)]["ratelimit"] is None
     assert redis_cpu > 0, f"Redis used no CPU: the limiter did not reach it\n{text}"
+    for conns in (1, 32):
+        # the batched rules (docs/ratelimit-batched.md): still one ok decision per rule and request,
+        # decided locally against what Redis last said, never by the fallback
+        batched = rows[("extproc_ratelimit_batched", conns)]
+        rl = batched["ratelimit"]
+        assert rl is not None and rl.get("ok", 0) >= 0.9 * rules * batched["requests"], (
+            f"c={conns}: batched rate-limit rules not applied on every request: {rl}\n{text}")
+        assert not any(rl.get(k) for k in ("local_fallback", "fail_open", "store_unavailable", "over_limit")), (
+            f"c={conns}: batched rules decided outside Redis' state: {rl}\n{text}")
+        assert batched["vs_baseline"]["variant"] == "extproc_authz"
 
     written = 0
     for conns in (1, 32):

@@ -178,3 +178,63 @@ def test_read_secret_prefers_the_file_and_strips_it(tmp_path: Path, monkeypatch:
     assert cfgmod.read_secret(None, "SOME_TOKEN_VAR", "admin.token") is None
     with pytest.raises(cfgmod.ConfigError, match=r"admin\.token: cannot read"):
         cfgmod.read_secret(tmp_path / "missing", None, "admin.token")
+
+
+# -- rate-limit sync modes (sync: {mode: batched, interval_ms: N}) -------------------------------
+
+_HOT_RULE = "rate_limits:\n  rules:\n    - name: hot\n      count_by: [route]\n      limit: 10\n"
+
+
+@pytest.mark.parametrize(("tail", "line", "message"), [
+    pytest.param("      sync: {mode: batched, interval_ms: 0}\n", 6,
+                 "rate_limits.rules.0.sync.interval_ms: Input should be greater than or equal to 1", id="interval-0"),
+    pytest.param("      sync: {mode: batched, interval_ms: 1001}\n", 6,
+                 "rate_limits.rules.0.sync.interval_ms: Input should be less than or equal to 1000",
+                 id="interval-1001"),
+    pytest.param("      sync: {mode: every_request}\n", 6,
+                 "rate_limits.rules.0.sync.mode: Input should be 'per_request' or 'batched'", id="unknown-mode"),
+    pytest.param("      sync: {interval_ms: 5}\n", 6,
+                 "rate_limits.rules.0.sync: interval_ms applies to mode: batched only", id="interval-per-request"),
+    pytest.param("      sync: {mode: batched, every_ms: 5}\n", 6,
+                 "rate_limits.rules.0.sync.every_ms: unknown key (not part of extproc.yaml; check the spelling)",
+                 id="unknown-key"),
+    pytest.param("      sync: {mode: batched}\n      fail: closed\n", 3,
+                 "rate_limits.rules.0: sync mode batched admits between store syncs, which fail: closed forbids: "
+                 "use fail: open with batched, or sync mode per_request", id="batched-fail-closed"),
+])
+def test_bad_rate_limit_sync_is_rejected_with_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      tail: str, line: int, message: str):
+    p = tmp_path / "extproc.yaml"
+    p.write_text(_HOT_RULE + tail)
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.load(p)
+    assert str(info.value) == f"{p}:{line}: {message}"
+    assert cli.main(["check-config", str(p)]) == 1           # check-config is the same loader
+    out, err = capsys.readouterr()
+    assert out == "" and f"{p}:{line}: {message}" in err
+
+
+def test_rate_limit_sync_defaults_to_per_request_and_takes_the_interval_bounds():
+    rule = cfgmod.parse(_HOT_RULE).rate_limits.rules[0]
+    assert rule.sync == cfgmod.RateSync() and rule.sync.mode == "per_request"
+    for ms in (1, 1000):
+        batched = cfgmod.parse(_HOT_RULE + f"      sync: {{mode: batched, interval_ms: {ms}}}\n").rate_limits.rules[0]
+        assert (batched.sync.mode, batched.sync.interval_ms) == ("batched", ms)
+    shadow = cfgmod.parse(_HOT_RULE + "      sync: {mode: batched}\n      mode: shadow\n      fail: open\n")
+    assert shadow.rate_limits.rules[0].sync.batch_ms == 5 and rule.sync.batch_ms == 0
+
+
+def test_rate_limit_sync_survives_the_workers_override():
+    """`serve --workers N` validates the dumped config again: defaults must round-trip."""
+    cfg = cfgmod.parse(_HOT_RULE + "    - {name: other, count_by: [user], limit: 5, sync: {mode: batched}}\n"
+                       "store:\n  redis:\n    url: redis://127.0.0.1:6379/0\n")
+    again = cfgmod.override_workers(cfg, 2, "extproc.yaml")
+    assert [r.sync for r in again.rate_limits.rules] == [r.sync for r in cfg.rate_limits.rules]
+    assert [r.sync.batch_ms for r in again.rate_limits.rules] == [0, 5]
+
+
+def test_the_shipped_config_batches_the_per_endpoint_rule():
+    cfg = cfgmod.load(ROOT / "extproc.yaml")
+    rules = {r.name: r for r in cfg.rate_limits.rules}
+    assert rules["per-endpoint"].sync == cfgmod.RateSync(mode="batched", interval_ms=5)
+    assert all(r.sync.mode == "per_request" for name, r in rules.items() if name != "per-endpoint")
