@@ -23,7 +23,8 @@ credential, the answer to a repeat credential is the same reply every time, so:
 * The per-request parts are added to the stored bytes, not rebuilt: the Server-Timing header is
   a second serialised CheckResponse appended (protobuf merges concatenated messages: repeated
   fields append). Metrics are counted in plain integers and added to their Prometheus children
-  once per event-loop turn (`Tally`), so the counters are exact and at most one turn late.
+  every 100 ms and before the process renders its metrics (`Tally`): exact, and at most 100 ms
+  late for a scrape of another process (the supervisor's, with several workers).
 
 A new config builds a new Runtime, and with it an empty express table.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -47,20 +49,22 @@ from ..telemetry import metrics
 MAX_ENTRIES = 10_000
 
 
-def timing_bytes(ms: float) -> bytes:
-    """A serialised CheckResponse carrying only `server-timing: authz;dur=<ms>`, to append."""
-    value = f"authz;dur={ms:.3f}"
-    template = _TIMING.get(len(value))
-    if template is None:
-        template = pb.CheckResponse(ok_response=pb.OkHttpResponse(response_headers_to_add=[
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="server-timing", value="\x00" * len(value)),
+def timing_bytes(seconds: float) -> bytes:
+    """A serialised CheckResponse carrying only `server-timing: authz;dur=<ms>`, to append; built
+    once per whole microsecond (the express lane's durations are a few tens of them)."""
+    us = int(seconds * 1e6)
+    got = _TIMING.get(us)
+    if got is None:
+        got = pb.CheckResponse(ok_response=pb.OkHttpResponse(response_headers_to_add=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="server-timing", value=f"authz;dur={us / 1000:.3f}"),
                                        append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]),
         ).SerializeToString()
-        if len(_TIMING) < 64:
-            _TIMING[len(value)] = template
-    return template.replace(b"\x00" * len(value), value.encode())
+        if us < _TIMING_MAX_US:
+            _TIMING[us] = got
+    return got
 
 
+_TIMING_MAX_US = 5000           # bounds the table: 5 000 entries of ~45 bytes
 _TIMING: dict[int, bytes] = {}
 
 
@@ -71,11 +75,16 @@ class Entry:
     provider: str
     reply: bytes                       # the serialised CheckResponse, without Server-Timing
     counters: tuple                    # the metric children a hit increments
+    # what the last full validity check saw: the provider's key set (a refresh installs a new
+    # tuple) and the revocation list's version; while both are the same, so is the answer
+    keys: object = None
+    revocations: int = -1
 
 
 @dataclass(frozen=True, slots=True)
 class Lane:
     """An express policy: where its credential is and what its reply counts."""
+    name: str
     policy: CompiledPolicy
     provider: str
     header: str                        # the one header its first provider reads
@@ -83,7 +92,10 @@ class Lane:
 
 
 class Tally:
-    """Hot-path counts added to their Prometheus children once per event-loop turn."""
+    """Hot-path counts added to their Prometheus children every `FLUSH_SECONDS`, and before
+    this process renders or sums its metrics (`metrics.flush_pending`)."""
+
+    FLUSH_SECONDS = 0.1
 
     def __init__(self, histogram) -> None:
         self._counts: dict[tuple, int] = {}
@@ -92,6 +104,7 @@ class Tally:
         self._buckets = [0] * len(self._bounds)
         self._sum = 0.0
         self._scheduled = False
+        metrics.flush_before_collect(self)
 
     def add(self, counters: tuple, seconds: float) -> None:
         self._counts[counters] = self._counts.get(counters, 0) + 1
@@ -102,10 +115,10 @@ class Tally:
             self._hist.observe(seconds)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False
+        self._scheduled = False      # a pending timer finds nothing to add, harmlessly
         counts, self._counts = self._counts, {}
         for counters, n in counts.items():
             for c in counters:
@@ -119,8 +132,11 @@ class Tally:
 class Express:
     """The express table of one Runtime (see the module docstring)."""
 
-    def __init__(self, rt, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, rt, tally: Tally, max_entries: int = MAX_ENTRIES) -> None:
         self.rt = rt
+        self.tally = tally
+        self.identity = rt.identity
+        self.max_header_bytes = rt.max_header_bytes
         self.max_entries = max_entries
         self.lanes: dict[str, Lane] = {}
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
@@ -141,32 +157,40 @@ class Express:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, request: pb.CheckRequest, now: float) -> Entry | None:
+    def answer(self, request: pb.CheckRequest, size: int, start: float) -> bytes | None:
+        """The stored reply for this request, with its Server-Timing, counted; or None (the full
+        path decides). `size` is the serialised request's length, a bound on its header bytes;
+        `start` the call's perf_counter()."""
         attrs = request.attributes
         lane = self.lanes.get(attrs.context_extensions.get("policy", ""))
         if lane is None:
             return None
         http = attrs.request.http
-        raw = http.headers.get(lane.header)
-        if raw is None:
-            return None
-        entry = self._entries.get((lane.policy.name, raw))
+        key = (lane.name, http.headers.get(lane.header))
+        entries = self._entries
+        entry = entries.get(key)
         if entry is None:
             return None
+        now = time.time()
         g = entry.granted
         if now >= g.expires_at:
-            del self._entries[(lane.policy.name, raw)]
+            del entries[key]
             return None
-        if self._query and "?" in http.path:
-            return None
-        if http.ByteSize() > self.rt.max_header_bytes:
-            return None      # maybe too large: the full path counts the header bytes exactly
-        identity = self.rt.identity
-        if not identity.still_granted(g, entry.provider, entry.policy, now):
-            return None
-        self._entries.move_to_end((lane.policy.name, raw))
+        if size > self.max_header_bytes or (self._query and "?" in http.path):
+            return None      # maybe too many header bytes (the full path counts them), or a credential in the query
+        identity = self.identity
+        keys = identity.keys.get(entry.provider)
+        rl = identity.revocations
+        version = rl.version if rl is not None else 0
+        if keys is not entry.keys or version != entry.revocations:
+            if not identity.still_granted(g, entry.provider, entry.policy, now):
+                return None
+            entry.keys, entry.revocations = keys, version
+        entries.move_to_end(key)
         self.hits += 1
-        return entry
+        elapsed = time.perf_counter() - start
+        self.tally.add(entry.counters, elapsed)
+        return entry.reply + timing_bytes(elapsed)
 
     def learn(self, request: pb.CheckRequest, decision: Decision, now: float, build) -> None:
         """After the full path allowed a request: keep its reply when it qualifies. `build`
@@ -216,5 +240,5 @@ def _lane(policy: CompiledPolicy, plans, rt) -> Lane | None:
         return None      # a rule may count this request (rules by API-key tier never match a JWT)
     if any(b.wiring == "lean" and policy.name in b.policies for b in rt.config.circuit_breakers.upstreams.values()):
         return None
-    return Lane(policy, provider, plan.sources[0].name, rt.policy_label(policy.name))
+    return Lane(policy.name, policy, provider, plan.sources[0].name, rt.policy_label(policy.name))
 

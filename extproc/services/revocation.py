@@ -163,6 +163,10 @@ class RevocationList:
         self._overflow = False        # entries were evicted for room since the last full resync
         self._evictions = 0
         self._complete = False
+        # bumped by every revocation applied and every change of known_complete: a check that
+        # found a token not revoked stays true while the version is the same (entries expiring
+        # only ever un-revoke)
+        self.version = 0
         self._lost_logged = False
         self._resync_failing = False
         self.synced_at: float | None = None
@@ -282,6 +286,7 @@ class RevocationList:
                 if entry == old:
                     return
             self._subjects[rev.id] = entry
+        self.version += 1
         heapq.heappush(self._expiries, (rev.until, rev.kind, rev.id))
         if len(self._expiries) > 2 * self.max_entries + 64:
             self._compact()
@@ -335,6 +340,7 @@ class RevocationList:
         complete = self._synced and not self._overflow
         if complete != self._complete:
             self._complete = complete
+            self.version += 1
             if self._on_state is not None:
                 try:
                     self._on_state(complete)

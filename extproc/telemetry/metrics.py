@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 from prometheus_client import (
     CollectorRegistry,
@@ -200,14 +201,30 @@ def _registry():
     return REGISTRY
 
 
+_TALLIES: weakref.WeakSet = weakref.WeakSet()
+
+
+def flush_before_collect(tally) -> None:
+    """`tally.flush()` adds counts kept off the hot path (services/express.py); it runs before
+    this process renders or sums its metrics."""
+    _TALLIES.add(tally)
+
+
+def flush_pending() -> None:
+    for tally in list(_TALLIES):
+        tally.flush()
+
+
 def render() -> bytes:
     """The exposition text; aggregated over workers in multiprocess mode."""
+    flush_pending()
     return generate_latest(_registry())
 
 
 def sums(*names: str, by: str | None = None) -> dict[str, float] | dict[str, dict[str, float]]:
     """Current values of the named samples (a counter's `_total`, a gauge's name) summed over labels
     and workers; with `by`, broken down by that label as well."""
+    flush_pending()
     wanted = set(names)
     flat: dict[str, float] = dict.fromkeys(names, 0.0)
     split: dict[str, dict[str, float]] = {n: {} for n in names}

@@ -202,7 +202,7 @@ def _claims(token: str) -> dict[str, Any]:
 def _lanes(sidecar: Sidecar, change) -> set[str]:
     cfg = sidecar.config()
     change(cfg)
-    return set(expressmod.Express(Runtime.build(cfgmod.Config.model_validate(cfg))).lanes)
+    return set(expressmod.Express(Runtime.build(cfgmod.Config.model_validate(cfg)), None).lanes)
 
 
 def test_which_policies_take_the_lane(sidecar: Sidecar):
