@@ -296,8 +296,13 @@ def test_a_cut_off_replica_keeps_what_it_knew_and_resyncs_what_it_missed(caplog)
             await a.revoke_token("before", T0 + 60)
             await eventually(lambda: b.is_revoked("before", "", None, None, T0), "b learns 'before'")
 
+            # the version moves with every revocation applied and every change of
+            # known_complete (the express lane re-checks a token only when it moved)
+            v = b.version
             gate.cut()
             await eventually(lambda: not b.known_complete, "b knows it is cut off")
+            assert b.version > v
+            v = b.version
             attempts = gate.subscribes
             await eventually(lambda: gate.subscribes >= attempts + 3, "b keeps retrying")
             assert b.is_revoked("before", "", None, None, T0)         # what it knew still holds
@@ -305,8 +310,10 @@ def test_a_cut_off_replica_keeps_what_it_knew_and_resyncs_what_it_missed(caplog)
             await a.revoke_subject("alice")
             assert not b.is_revoked("missed", "", None, None, T0)
 
+            assert b.version == v                                      # nothing learnt while cut off
             gate.heal()
             await eventually(lambda: b.known_complete, "b resynced")
+            assert b.version >= v + 3                                  # two entries and the state
             assert b.is_revoked("missed", "", None, None, T0)
             assert b.is_revoked(None, "", "alice", T0 - 1, T0)
             assert states == [True, False, True]
