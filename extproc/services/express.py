@@ -12,8 +12,9 @@ credential, the answer to a repeat credential is the same reply every time, so:
   breaker guards it, and neither decision logs, DEBUG logging nor tracing are on (those write
   per-request fields). Worked out once per config (Runtime).
 * After the full path allows a request of an express policy from a grant of its first provider
-  (Reason OK, not shadowed, no query parameter stripped), the serialised reply is kept here,
-  keyed by (policy, the raw header value), bounded (LRU, `max_entries`).
+  (Reason OK, not shadowed, no query parameter stripped) for the second time, the serialised
+  reply is kept here, keyed by (policy, the raw header value), bounded (LRU, `max_entries`); a
+  credential allowed once leaves only its hash in a bounded set (fresh tokens cost nothing).
 * A later request with the byte-identical header value is answered with those bytes once the
   same O(1) checks the decision cache's hit makes still hold: not expired, signing key still
   published, not revoked (the local fleet-wide deny-list, and fail-closed revocation while the
@@ -140,6 +141,7 @@ class Express:
         self.max_entries = max_entries
         self.lanes: dict[str, Lane] = {}
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self._seen: dict[int, None] = {}     # credentials allowed once, by hash (see learn)
         self.hits = 0
         cfg = rt.config
         if cfg.telemetry.decision_logs:
@@ -204,6 +206,15 @@ class Express:
         raw = attrs.request.http.headers.get(lane.header)
         if raw is None:
             return
+        # a credential is kept from its second allowed request on: a token seen once (a fresh
+        # token per request) costs no reply bytes here, only an int in a bounded set
+        seen = hash((lane.name, raw))
+        if seen not in self._seen:
+            self._seen[seen] = None
+            if len(self._seen) > self.max_entries:
+                del self._seen[next(iter(self._seen))]
+            return
+        del self._seen[seen]
         plan = self.rt.policies.providers[lane.provider]
         token = extract_header(raw, plan.sources[0])
         if token is None:
