@@ -44,6 +44,12 @@ def hits(rt: Running) -> int:
     return express(rt).hits
 
 
+async def allow(rt: Running, token: str, times: int) -> None:
+    """`times` Checks of one token on policy api, each allowed."""
+    for _ in range(times):
+        assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+
+
 def without_timing(resp: pb.CheckResponse) -> pb.CheckResponse:
     """The reply with its per-request Server-Timing header taken out."""
     out = pb.CheckResponse()
@@ -93,8 +99,7 @@ def test_a_revoked_token_is_refused_at_once(sidecar: Sidecar):
     async def body():
         async with sidecar.run(sidecar.config()) as rt:
             token = sidecar.token("alice")
-            for _ in range(4):
-                assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            await allow(rt, token, 4)
             assert hits(rt) == 2
             claims = _claims(token)
             await rt.worker.revocations.revoke_token(claims["jti"], claims["exp"])
@@ -104,8 +109,7 @@ def test_a_revoked_token_is_refused_at_once(sidecar: Sidecar):
             assert hits(rt) == 2
             # and every token of a subject ("log out everywhere")
             other = sidecar.token("bob", now=time.time() - 5)
-            for _ in range(3):
-                assert (await rt.check(check_request(policy="api", token=other))).status.code == OK
+            await allow(rt, other, 3)
             await rt.worker.revocations.revoke_subject("bob", time.time())
             assert denied_body(await rt.check(check_request(policy="api", token=other)))["reason"] == "token_revoked"
     run(body)
@@ -123,8 +127,7 @@ def test_a_key_gone_from_the_jwks_stops_its_tokens(sidecar: Sidecar):
         async def body():
             async with sidecar.run(cfg) as rt:
                 old = a.mint("alice")
-                for _ in range(3):
-                    assert (await rt.check(check_request(policy="api", token=old))).status.code == OK
+                await allow(rt, old, 3)
                 assert hits(rt) == 1
                 keys.publish("/jwks", b.jwks())        # rotated: key a is no longer published
                 # a token of the new key makes the sidecar refetch (unknown kid)
@@ -146,8 +149,7 @@ def test_an_expired_token_is_refused(sidecar: Sidecar):
     async def body():
         async with sidecar.run(cfg) as rt:
             token = sidecar.token("alice", ttl_seconds=1)
-            for _ in range(3):
-                assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            await allow(rt, token, 3)
             assert hits(rt) == 1
 
             async def refused() -> bool:
@@ -161,8 +163,7 @@ def test_what_the_stored_reply_does_not_cover_goes_down_the_full_path(sidecar: S
     async def body():
         async with sidecar.run(sidecar.config()) as rt:
             token = sidecar.token("alice")
-            for _ in range(3):
-                assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            await allow(rt, token, 3)
             assert hits(rt) == 1
             # two Authorization headers (Envoy joins them): ambiguous, whatever was cached
             two = check_request(policy="api", token=token)
@@ -186,8 +187,7 @@ def test_a_reload_starts_an_empty_table(sidecar: Sidecar):
     async def body():
         async with sidecar.run(cfg, config_file=True) as rt:
             token = sidecar.token("alice")
-            for _ in range(3):
-                assert (await rt.check(check_request(policy="api", token=token))).status.code == OK
+            await allow(rt, token, 3)
             assert hits(rt) == 1
             cfg["policies"]["api"]["auth"]["scopes"] = ["orders:read"]    # alice's token has none
             assert rt.config_path is not None

@@ -417,8 +417,9 @@ def test_hits_addend_of_the_request_and_of_a_descriptor(backend: Backend):
 
 def test_a_descriptor_override_replaces_the_configured_limit():
     async def body():
-        store = MemoryStore()
-        async with Harness().replica(store) as rls:
+        clock = Clock(T0 + 1_000)      # no hour's boundary between the two requests
+        store = MemoryStore(clock=clock, wall_clock=clock)
+        async with Harness().replica(store, clock=clock) as rls:
             user = unique("u")
             over = descriptor(("user", user), override=(1, Response.RateLimit.HOUR))
             first = await rls(request(over))
@@ -529,8 +530,10 @@ def test_a_flood_over_the_limit_costs_no_store_calls_until_it_could_pass():
 
 def test_a_reload_applies_at_once_and_keeps_the_counters_of_unchanged_rules():
     async def body():
-        store = MemoryStore()
-        async with Harness().replica(store) as rls:
+        # a fixed clock: on the wall clock a minute's boundary between the requests resets the window
+        clock = Clock(T0 + 1_000)
+        store = MemoryStore(clock=clock, wall_clock=clock)
+        async with Harness().replica(store, clock=clock) as rls:
             user = unique("u")
             assert [(await rls(request(descriptor(("user", user))))).overall_code for _ in range(4)] == \
                 [OK, OK, OK, OVER]
