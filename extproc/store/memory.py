@@ -225,10 +225,9 @@ class MemoryStore:
         entry.value = count
         return WindowResult(True, count, max(0, limit - count), ttl_ms)
 
-    async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
+    def _rate_rules(self, op: str, checks: Sequence[RateCheck], now_ms: int | None):
+        """(now_ms, now_us, (limit, state, units) per check): what rate_limit and rate_usage read."""
         check_rate_checks(checks, now_ms)
-        if not checks:
-            return []
         if now_ms is None:
             now_ms = round(self._wall_clock() * 1000)
         now = self._now_us()
@@ -236,8 +235,14 @@ class MemoryStore:
         for check in checks:
             entry = self._lookup(check.key, now)
             if entry is not None and not isinstance(entry.value, _RateState):
-                raise StoreError(f"memory rate_limit: {_WRONGTYPE}", transient=False)
+                raise StoreError(f"memory {op}: {_WRONGTYPE}", transient=False)
             rules.append((check.limit, None if entry is None else entry.value, check.units))
+        return now_ms, now, rules
+
+    async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
+        now_ms, now, rules = self._rate_rules("rate_limit", checks, now_ms)
+        if not checks:
+            return []
         admitted, charges = ratelimit.check_and_charge(rules, now_ms)
         if admitted:
             for check, charge in zip(checks, charges, strict=True):
@@ -248,19 +253,8 @@ class MemoryStore:
     async def rate_usage(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[ratelimit.Outcome]:
         # lua/ratelimit.lua's "peek" mode: rate_limit's reads and reports, no write and no TTL
         # touched (a read counts as use for the LRU order, as Redis's reads do)
-        check_rate_checks(checks, now_ms)
-        if not checks:
-            return []
-        if now_ms is None:
-            now_ms = round(self._wall_clock() * 1000)
-        now = self._now_us()
-        rules = []
-        for check in checks:
-            entry = self._lookup(check.key, now)
-            if entry is not None and not isinstance(entry.value, _RateState):
-                raise StoreError(f"memory rate_usage: {_WRONGTYPE}", transient=False)
-            rules.append((check.limit, None if entry is None else entry.value, check.units))
-        return ratelimit.peek(rules, now_ms)
+        now_ms, _, rules = self._rate_rules("rate_usage", checks, now_ms)
+        return ratelimit.peek(rules, now_ms) if checks else []
 
     async def breaker(self, key: str, op: str, params: breaker.Params, now_ms: int, ttl_ms: int) -> breaker.Result:
         # lua/breaker.lua runs the same transitions in Redis

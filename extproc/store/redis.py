@@ -403,15 +403,9 @@ class RedisStore:
         return breaker.Result.from_list(raw)
 
     async def rate_limit(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[RateResult]:
-        check_rate_checks(checks, now_ms)
-        if not checks:
+        if not await self._rate_ready("rate_limit", checks, now_ms):
             return []
         now = "" if now_ms is None else str(now_ms)
-        if self._undiscovered():
-            try:
-                await self._discover()
-            except _DRIVER_ERRORS as exc:
-                raise self._error("rate_limit", exc) from exc
         groups = self._slot_groups(checks)
         if len(groups) == 1:
             reply = await self._ratelimit_call(checks, _rate_args("charge", now, checks))
@@ -422,15 +416,9 @@ class RedisStore:
     async def rate_usage(self, checks: Sequence[RateCheck], now_ms: int | None = None) -> list[ratelimit.Outcome]:
         # the same script in "peek" mode, one call per slot (queued and pipelined like any
         # rate-limit call); nothing to refund, since nothing is charged
-        check_rate_checks(checks, now_ms)
-        if not checks:
+        if not await self._rate_ready("rate_usage", checks, now_ms):
             return []
         now = "" if now_ms is None else str(now_ms)
-        if self._undiscovered():
-            try:
-                await self._discover()
-            except _DRIVER_ERRORS as exc:
-                raise self._error("rate_usage", exc) from exc
         groups = self._slot_groups(checks)
         parts = [[checks[i] for i in group] for group in groups]
         replies = await asyncio.gather(*(self._ratelimit_call(part, _rate_args("peek", now, part)) for part in parts),
@@ -443,6 +431,18 @@ class RedisStore:
             for i, outcome in zip(group, outcomes, strict=True):
                 results[i] = outcome
         return results  # type: ignore[return-value]
+
+    async def _rate_ready(self, op: str, checks: Sequence[RateCheck], now_ms: int | None) -> bool:
+        """Validate a rate-limit call and load the Cluster topology it needs; False: nothing to do."""
+        check_rate_checks(checks, now_ms)
+        if not checks:
+            return False
+        if self._undiscovered():
+            try:
+                await self._discover()
+            except _DRIVER_ERRORS as exc:
+                raise self._error(op, exc) from exc
+        return True
 
     async def _rate_limit_across_slots(self, checks: Sequence[RateCheck], groups: list[list[int]],
                                        now: str) -> list[RateResult]:
