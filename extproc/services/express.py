@@ -143,18 +143,16 @@ class Express:
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self._seen: dict[int, None] = {}     # credentials allowed once, by hash (see learn)
         self.hits = 0
-        cfg = rt.config
-        if cfg.telemetry.decision_logs:
-            return
         policies = rt.policies
-        query = bool(policies.credential_query_params)
+        self._query = bool(policies.credential_query_params)    # a credential may be in the query
+        if rt.config.telemetry.decision_logs:
+            return
         for name, policy in policies.policies.items():
             lane = _lane(policy, policies.providers, rt)
             if lane is not None:
                 self.lanes[name] = lane
         if policies.default is not None and policies.default in self.lanes:
             self.lanes[""] = self.lanes[policies.default]
-        self._query = query
 
     def __len__(self) -> int:
         return len(self._entries)
