@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import procs
-from tests.support.stack import Stack, new_stack
+from tests.support.stack import Stack, shipped_stack
 
 _FIRST_PROC = pytest.StashKey[int]()
 
@@ -34,15 +34,8 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     """The shipped envoy.yaml + extproc.yaml on free ports, started once per session."""
-    s = new_stack(tmp_path_factory.mktemp("stack"))
-    try:
-        s.start_upstream()
-        s.write_sidecar_config()
-        s.start_sidecar()
-        s.start_envoy()
+    with shipped_stack(tmp_path_factory.mktemp("stack")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from extproc.demo import idp
 from tests.support.http import Response, get, request
 from tests.support.procs import VENV_BIN, wait_until
-from tests.support.stack import get_json
+from tests.support.stack import get_json, shipped_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -231,17 +231,8 @@ def test_admin_area_needs_the_role_and_a_loopback_address(stack, token):
 @pytest.fixture
 def rotating_stack(tmp_path):
     """Its own stack: rotating the identity provider's key would strand the session's tokens."""
-    from tests.support.stack import new_stack
-
-    s = new_stack(tmp_path / "stack")
-    try:
-        s.start_upstream()
-        s.write_sidecar_config()
-        s.start_sidecar()
-        s.start_envoy()
+    with shipped_stack(tmp_path / "stack") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_rotated_key_accepted_after_refetch_and_retired_key_rejected(rotating_stack):

@@ -24,7 +24,7 @@ import pytest
 
 from extproc.demo import idp
 from tests.support.http import Response, burst, get, request
-from tests.support.stack import Stack, get_json, new_stack
+from tests.support.stack import Stack, get_json, shipped_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +33,8 @@ ORIGIN = "https://simone-webshop.com"          # the webshop plan's CORS origin
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory):
-    s = new_stack(tmp_path_factory.mktemp("traffic-edge"))
-    try:
-        s.start_upstream()
-        s.write_sidecar_config()
-        s.start_sidecar()
-        s.start_envoy()
+    with shipped_stack(tmp_path_factory.mktemp("traffic-edge")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,20 @@ def new_stack(directory: Path, extra_ports: int = 0) -> Stack:
 
 
 @contextlib.contextmanager
+def shipped_stack(directory: Path) -> Iterator[Stack]:
+    """The shipped envoy.yaml + extproc.yaml on free ports, started; stopped on exit."""
+    s = new_stack(directory)
+    try:
+        s.start_upstream()
+        s.write_sidecar_config()
+        s.start_sidecar()
+        s.start_envoy()
+        yield s
+    finally:
+        s.stop()
+
+
+@contextlib.contextmanager
 def two_workers_on_redis(directory: Path, overrides: dict | None = None,
                          redis_timeout_ms: int = 50) -> Iterator[Stack]:
     """The shipped configs with `extproc serve --workers 2` on one real Redis, behind
