@@ -8,10 +8,10 @@ credential, the answer to a repeat credential is the same reply every time, so:
 
 * A policy is *express* when its allowed answer depends only on the credential: it has
   providers (any_of), no IP list, no authorization rules, no all_of, no revoke-on-use, its
-  first provider reads exactly one header, no rate-limit rule can match it, no lean circuit
+  providers all read the same one header, no rate-limit rule can match it, no lean circuit
   breaker guards it, and neither decision logs, DEBUG logging nor tracing are on (those write
   per-request fields). Worked out once per config (Runtime).
-* After the full path allows a request of an express policy from a grant of its first provider
+* After the full path allows a request of an express policy from a grant of one of its providers
   (Reason OK, not shadowed, no query parameter stripped) for the second time, the serialised
   reply is kept here, keyed by (policy, the raw header value), bounded (LRU, `max_entries`); a
   credential allowed once leaves only its hash in a bounded set (fresh tokens cost nothing).
@@ -87,8 +87,9 @@ class Lane:
     """An express policy: where its credential is and what its reply counts."""
     name: str
     policy: CompiledPolicy
-    provider: str
-    header: str                        # the one header its first provider reads
+    provider: str                      # the first provider (whose source plan reads the header)
+    providers: frozenset[str]          # every provider of the policy: all read that one header
+    header: str                        # the one header its providers read
     label: str                         # the policy's metric label
 
 
@@ -218,7 +219,7 @@ class Express:
         if token is None:
             return
         g = self.rt.identity.decisions.peek(lane.policy.name, token)
-        if g is None or g.principal is not decision.principal or g.principal.provider != lane.provider:
+        if g is None or g.principal is not decision.principal or g.principal.provider not in lane.providers:
             return
         if g.headers != decision.headers or g.remove != decision.remove_headers or g.metadata is not decision.metadata:
             return
@@ -229,7 +230,7 @@ class Express:
                     metrics.child(metrics.AUTH_DECISIONS, lane.label, "allow"),
                     metrics.child(metrics.AUTH_CACHE, "hit"))
         key = (lane.policy.name, raw)
-        self._entries[key] = Entry(g, lane.policy, lane.provider, reply, counters)
+        self._entries[key] = Entry(g, lane.policy, g.principal.provider, reply, counters)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -243,11 +244,14 @@ def _lane(policy: CompiledPolicy, plans, rt) -> Lane | None:
     plan = plans.get(provider)
     if plan is None or len(plan.sources) != 1 or plan.sources[0].kind != "header":
         return None
+    if any(plans.get(p) is None or plans[p].sources != plan.sources for p in policy.any_of[1:]):
+        return None      # the providers read different places: the header alone is not the credential
     limiter = rt.ratelimiter
     if limiter is not None and any((not r.policies or policy.name in r.policies) and not r.api_key_tiers
                                    for r in limiter.rules):
         return None      # a rule may count this request (rules by API-key tier never match a JWT)
     if any(b.wiring == "lean" and policy.name in b.policies for b in rt.config.circuit_breakers.upstreams.values()):
         return None
-    return Lane(policy.name, policy, provider, plan.sources[0].name, rt.policy_label(policy.name))
+    return Lane(policy.name, policy, provider, frozenset(policy.any_of), plan.sources[0].name,
+                rt.policy_label(policy.name))
 

@@ -133,6 +133,13 @@ class Identity:
                     return cached, None, token
                 granted_all.append(cached)
                 continue
+            if cached is not None and not policy.all_of and self._later_grant(req, policy, name, cached, token):
+                # a later provider of this any-of policy granted this very credential (so this one
+                # refused it): no failed signature check per repeat, that provider's turn hits
+                if trace is not None:
+                    trace.append(f"provider {name}: skipped, the credential is cached as granted by "
+                                 f"{cached.principal.provider}")
+                continue
             metrics.child(metrics.AUTH_CACHE, "miss").inc()
             if plan.kind == "introspection" and errors and token.count(".") == 2:
                 # a JWT that a JWT provider of this policy already judged is not sent to an
@@ -165,6 +172,19 @@ class Identity:
         if best is None:
             return None, unauthenticated(policy, Reason.TOKEN_MALFORMED, "credential not accepted"), ""
         return None, unauthenticated(policy, best.reason, best.detail), ""
+
+    def _later_grant(self, req: Request, policy: CompiledPolicy, name: str, cached, token: str) -> bool:
+        """Whether `cached`, the decision-cache entry for `token` under this any-of policy, is a
+        still-valid grant of a provider after `name` that reads the same credential in this
+        request. `name` refused that credential (or did not see it) when the grant was made, and a
+        grant of any provider of the policy authenticates: `name`'s turn is skipped."""
+        other = cached.principal.provider
+        order = policy.providers
+        if other not in order or order.index(other) <= order.index(name):
+            return False
+        plan = self.policies.providers.get(other)
+        return (plan is not None and extract(req, plan.sources) == (token, False)
+                and self._still_valid(cached, other))
 
     def still_granted(self, g, provider: str, policy: CompiledPolicy, now: float) -> bool:
         """What a decision-cache hit checks besides expiry: granted by this provider, signing key

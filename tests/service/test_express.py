@@ -8,6 +8,7 @@ count moves and the reply is the full path's), then changes one thing the full p
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from extproc import config as cfgmod
 from extproc.app import Runtime
 from extproc.demo import idp
 from extproc.services import express as expressmod
+from extproc.services import jwks as jwksmod
 from tests.service.conftest import (
     Running,
     Sidecar,
@@ -148,14 +150,15 @@ def test_an_expired_token_is_refused(sidecar: Sidecar):
 
     async def body():
         async with sidecar.run(cfg) as rt:
-            token = sidecar.token("alice", ttl_seconds=1)
+            # exp is whole seconds from a truncated iat: 2 s leaves at least 1 s for three Checks
+            token = sidecar.token("alice", ttl_seconds=2)
             await allow(rt, token, 3)
             assert hits(rt) == 1
 
             async def refused() -> bool:
                 resp = await rt.check(check_request(policy="api", token=token))
                 return resp.status.code == UNAUTHENTICATED and denied_body(resp)["reason"] == "jwt_expired"
-            await eventually(refused, within=5, what="the token expired")
+            await eventually(refused, within=6, what="the token expired")
     run(body)
 
 
@@ -199,6 +202,35 @@ def test_a_reload_starts_an_empty_table(sidecar: Sidecar):
     run(body)
 
 
+def test_a_token_of_the_second_provider_of_an_any_of_policy_takes_the_lane(sidecar: Sidecar, tmp_path, monkeypatch):
+    monkeypatch.setattr(jwksmod, "MIN_REFRESH_SECONDS", 0.02)       # the JWKS file is watched that often
+    other = idp.generate()
+    jwks = tmp_path / "partner.json"
+    jwks.write_text(json.dumps(other.jwks()))
+    cfg = sidecar.config()
+    cfg["providers"]["partner"] = {**cfg["providers"]["demo"], "issuer": "https://partner.example",
+                                   "jwks_file": str(jwks)}
+    cfg["policies"]["api"]["auth"]["providers"] = ["demo", "partner"]
+
+    async def body():
+        async with sidecar.run(cfg) as rt:
+            token = other.mint("pat", issuer="https://partner.example")
+            await allow(rt, token, 2)
+            assert len(express(rt)) == 1
+            full = without_timing(await rt.check(check_request(policy="api", token=token)))
+            assert hits(rt) == 1
+            assert [(o.header.key, o.header.value) for o in full.ok_response.headers] == [("x-jwt-sub", "pat")]
+            # the partner's key rotated out: the stored reply is not used, the full path refuses
+            jwks.write_text(json.dumps(idp.generate().jwks()))
+            await eventually(lambda: _refused(rt, token), within=10, what="the partner key rotated out")
+            assert hits(rt) == 1
+    run(body)
+
+
+async def _refused(rt: Running, token: str) -> bool:
+    return (await rt.check(check_request(policy="api", token=token))).status.code == UNAUTHENTICATED
+
+
 def _claims(token: str) -> dict[str, Any]:
     import jwt
 
@@ -239,6 +271,12 @@ def test_which_policies_take_the_lane(sidecar: Sidecar):
         c["providers"]["demo"]["token_sources"] = [{"header": "authorization", "prefix": "Bearer "},
                                                     {"cookie": "session"}]
     assert _lanes(sidecar, cookie) == set()
+
+    def two_places(c):
+        c["providers"]["partner"] = {**c["providers"]["demo"], "issuer": "https://partner.example",
+                                     "token_sources": [{"header": "x-partner-token"}]}
+        c["policies"]["api"]["auth"]["providers"] = ["demo", "partner"]
+    assert "api" not in _lanes(sidecar, two_places)
 
     def logs(c):
         c["telemetry"] = {"decision_logs": True}

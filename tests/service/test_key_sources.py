@@ -35,6 +35,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from extproc import config as cfgmod
 from extproc.app import Runtime
 from extproc.core.decision import Decision
+from extproc.core.jwt import KeySet
 from extproc.core.reasons import Reason
 from extproc.core.request import Request
 from extproc.demo import idp
@@ -800,6 +801,39 @@ def test_any_of_two_providers_of_different_issuers(keys: Keys):
             # the issuer picks the provider: a's key does not speak for b
             assert_denied(await decide(rt, keys.a.token(ISS_B)), Reason.JWT_UNKNOWN_KID)
             assert_denied(await decide(rt), Reason.TOKEN_MISSING)
+    run(body)
+
+
+def test_any_of_a_repeat_token_of_the_second_provider_costs_no_failed_check_by_the_first(keys: Keys):
+    async def body():
+        a, b = unique("a"), unique("b")
+        cfg = make_config({a: provider(jwks=jwks(keys.a)), b: provider(issuer=ISS_B, jwks=jwks(keys.b))},
+                          {"api": {"auth": {"any_of": [a, b]}}})
+
+        def a_errors() -> float:
+            return sum(sample("gateway_jwt_validation_errors_total", provider=a, reason=r.value) for r in Reason)
+
+        async with started(cfg) as rt:
+            tb = keys.b.token(ISS_B)
+            assert await allows(rt, tb)
+            refused = a_errors()
+            assert refused >= 1       # the first time, a judged b's token and refused it
+            hits = sample("extproc_auth_cache_total", result="hit")
+            trace: list[str] = []
+            for _ in range(3):
+                d = await decide(rt, tb)
+                assert d.allowed and d.principal.provider == b
+            assert a_errors() == refused, "a repeat of b's token was verified by a again"
+            assert sample("extproc_auth_cache_total", result="hit") == hits + 3
+            compiled = rt.policies.select("api")
+            req = Request("GET", "/", {"authorization": f"Bearer {tb}"}, policy="api")
+            assert (await rt.identity.decide(req, compiled, time.time(), trace)).allowed
+            assert any(f"provider {a}: skipped" in line for line in trace), trace
+            # a's own tokens still go to a first, and b's key leaving the JWKS ends the skip
+            assert await allows(rt, keys.a.token(ISS_A))
+            rt.identity.keys[b] = (rt.identity.keys[b][0], KeySet({}, loaded=True))     # b's key rotated out
+            assert not await allows(rt, tb)
+            assert a_errors() > refused
     run(body)
 
 
