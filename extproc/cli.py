@@ -46,13 +46,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen = cfg.server.worker_listen(args.worker_index)
         return asyncio.run(run_worker(args.config, cfg, listen=listen, with_admin=False))
     if cfg.server.workers > 1:
+        import shutil
         import tempfile
 
-        # must be set before prometheus_client is imported here or in the workers
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="extproc-metrics-")
+        # must be set before prometheus_client is imported here or in the workers; removed when
+        # the supervisor returns (its workers have exited by then)
+        metrics_dir = tempfile.mkdtemp(prefix="extproc-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from .supervisor import run_supervisor
 
-        return asyncio.run(run_supervisor(args.config, cfg, log_level=args.log_level))
+        try:
+            return asyncio.run(run_supervisor(args.config, cfg, log_level=args.log_level))
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     from .app import run_worker
 
     return asyncio.run(run_worker(args.config, cfg))

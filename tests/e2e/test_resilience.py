@@ -152,7 +152,10 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
     try:
         s.start_upstream()
         s.write_sidecar_config({"server.workers": 2, "store": {"redis": {"url": redis.url}}, **NO_LIMITS})
-        sup = s.start_sidecar()
+        own_tmp = tmp_path / "tmp"            # where the supervisor makes its metrics directory
+        own_tmp.mkdir()
+        sup = s.start_sidecar(env={"TMPDIR": str(own_tmp)})
+        assert [p.name[:16] for p in own_tmp.iterdir()] == ["extproc-metrics-"]
         wait_until(both_up, what="both workers up")
         s.start_envoy(ROOT / "envoy" / "envoy-workers.yaml", extra_map={SIDECAR + 1: base + 1})
         token = idp.load_or_create(s.dir).mint("alice")
@@ -211,6 +214,8 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
             assert resp.status == 200
         wait_until(lambda: all(get(f"{s.external}/api/products/1", other).status == 401 for _ in range(6)),
                    timeout=10, what="the subject revocation on both workers")
+        assert sup.stop() == 0
+        assert list(own_tmp.iterdir()) == [], "the supervisor left its metrics directory behind"
     finally:
         s.stop()
         redis.stop()
