@@ -191,7 +191,8 @@ class Express:
         self.hits += 1
         elapsed = time.perf_counter() - start
         self.tally.add(entry.counters, elapsed)
-        return entry.reply + timing_bytes(elapsed)
+        timing = _TIMING.get(int(elapsed * 1e6))
+        return entry.reply + (timing if timing is not None else timing_bytes(elapsed))
 
     def learn(self, request: pb.CheckRequest, decision: Decision, now: float, build) -> None:
         """After the full path allowed a request: keep its reply when it qualifies. `build`

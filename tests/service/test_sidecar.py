@@ -13,6 +13,7 @@ import grpc
 import pytest
 import yaml
 from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -151,6 +152,22 @@ def test_check_oversized_headers_is_431(sidecar: Sidecar):
             assert resp.status.code == PERMISSION_DENIED
             assert resp.denied_response.status.code == 431
             assert denied_body(resp)["reason"] == "headers_too_large"
+            assert (await rt.check(check_request(policy="public"))).status.code == OK
+    run(body)
+
+
+def test_check_a_request_that_does_not_parse_is_invalid_argument(sidecar: Sidecar):
+    async def body():
+        async with sidecar.run(sidecar.config()) as rt:
+            # Check takes the serialised bytes itself (services/authz.py add_to_server)
+            raw = rt.channel.unary_unary("/envoy.service.auth.v3.Authorization/Check")
+            for garbage in (b"\xff\xff\xff", b"\x0a\x05abc"):       # a bad tag; a length past the end
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await raw(garbage, timeout=5)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            # an empty message is a valid (empty) CheckRequest: the default policy's answer, a 401
+            reply = external_auth_pb2.CheckResponse.FromString(await raw(b"", timeout=5))
+            assert reply.denied_response.status.code == 401
             assert (await rt.check(check_request(policy="public"))).status.code == OK
     run(body)
 
