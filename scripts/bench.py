@@ -68,7 +68,8 @@ pool (`--fresh-tokens`, RS256, same claims shape) for every request, each varian
 sequence continued across loads, so no token repeats until the pool runs out (the report says
 how many were reused). wrk drives each variant at c=1 and c=32 for `--duration` seconds; the
 sidecar's (or floor's) CPU per request comes from /proc/<pid>/stat around each load, and
-`cpu/floor` divides it by the floor's of the same filter shape. The rate-limited variants run on
+`cpu/floor` divides it by the floor's of the same filter shape in the same round (the median of
+those per-round ratios; the identity target's rounds are listed under the table). The rate-limited variants run on
 sidecars of their own (the same config as `extproc`, plus the rules and their store), so
 `extproc_authz` keeps measuring a sidecar without limits; a block under the table gives what the
 limiter adds to `extproc_authz` (p50, sidecar CPU, Redis' own CPU). The filter and cluster
@@ -202,6 +203,7 @@ RATELIMIT_SIDECARS = frozenset(k for k, store in SIDECARS.items() if store)
 # the response-cache sidecars: name -> cache.memory_max_bytes; the same `cache:` rules, in-memory store
 CACHE_SIDECARS: dict[str, int] = {"extproc_cache": CACHE_MEMORY_BYTES, "extproc_cache_lru": LRU_MEMORY_BYTES}
 LIMITER_TARGET_MS = 0.5                  # the service-mesh seed: the limiter adds < 0.5 ms (p50; read, not asserted)
+IDENTITY_TARGET = 1.10                   # the identity issue: a repeat RS256 token within 10 % of the floor's CPU (read, not asserted)
 
 # the breaker sidecar's breakers: Envoy cluster -> config (the webshop plan's 5 consecutive failures,
 # 30 s open, 3 probes; the lean ones name the ext_authz policy of their route). Forcing one open
@@ -789,6 +791,13 @@ function report(summary, latency)
     e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
     latency.mean, latency.max))
 end
+
+-- --pace: each connection waits BENCH_PACE_MS after a response before its next request, so that
+-- two variants are compared at (about) the same request rate rather than each at its own saturation
+local pace_ms = tonumber(os.getenv("BENCH_PACE_MS") or "")
+if pace_ms and pace_ms > 0 then
+  delay = function() return pace_ms end
+end
 """
 
 # one repeat token: wrk sends the -H header, a static request (no request() hook)
@@ -973,6 +982,7 @@ class Stack:
     unique_lua: Path | None = None
     loads: int = 0                # wrk runs so far: the unique-key prefix of the next one
     admin_token: str = ""         # the breaker sidecar's admin token (its environment's ADMIN_TOKEN_ENV)
+    pace_rps: int = 0             # --pace: the c=32 loads' target rate (0: as fast as each variant goes)
 
     def next_prefix(self, v: Variant) -> str:
         self.loads += 1
@@ -1445,6 +1455,13 @@ class WrkResult:
         return sum(self.errors.values())
 
 
+def pace_ms(conns: int, rps: int) -> int:
+    """wrk's delay() between a connection's response and its next request for `rps` over `conns`
+    connections (whole milliseconds: wrk's resolution); the rate reached is a little lower, by the
+    latency, and is reported as measured."""
+    return max(1, round(conns * 1000 / rps))
+
+
 def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pin: list[str],
             log: Path) -> WrkResult:
     argv = [*pin, "wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s"]
@@ -1460,11 +1477,14 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
             argv += ["-s", str(stack.unique_lua), *extra, stack.url(v), "--", stack.next_prefix(v)]
         else:
             argv += ["-s", str(stack.lua), *extra, stack.url(v)]
+    env = None
+    if stack.pace_rps and conns > 1:
+        env = {**os.environ, "BENCH_PACE_MS": str(pace_ms(conns, stack.pace_rps))}
     with open(log, "ab") as out:
         out.write(f"\n== {v.name} c={conns} {seconds}s\n".encode())
         out.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, env=env)
         try:
             stdout, _ = proc.communicate(timeout=seconds + 30)
         finally:
@@ -1641,6 +1661,71 @@ def measure(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
     return row
 
 
+def side_by_side_variants(variants: list[Variant]) -> list[Variant]:
+    """The extproc rows that `--side-by-side` runs at the same time as their floor: a repeat
+    request (no fresh token, no new key per request) and the floor among the chosen variants."""
+    names = {v.name for v in variants}
+    return [v for v in variants if v.sidecar == "extproc" and v.floor in names and not v.fresh and not v.unique]
+
+
+def measure_side_by_side(stack: Stack, v: Variant, conns: int, threads: int, seconds: int,
+                         pin: list[str]) -> dict:
+    """The variant and its floor loaded at once, each by its own wrk with `conns` connections,
+    over the same seconds: whatever slows the machine meanwhile slows both, so their CPU per
+    request compares without a slow spell falling on one of them only."""
+    floor = BY_NAME[v.floor or ""]
+    servers = (stack.server_of(v), stack.server_of(floor))
+    for proc in servers:
+        if proc is None or not proc.alive():
+            raise BenchError(f"{v.name} / {floor.name}: a gRPC server is not running")
+    cpu0 = [cpu_seconds(p.pid) for p in servers if p is not None]
+    results: list[WrkResult | None] = [None, None]
+    failures: list[BaseException] = []
+
+    def load(i: int, which: Variant) -> None:
+        try:
+            results[i] = run_wrk(stack, which, conns, threads, seconds, pin, stack.tmp / f"wrk-side-{i}.log")
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+            failures.append(exc)
+
+    workers = [threading.Thread(target=load, args=(i, w)) for i, w in enumerate((v, floor))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    cpu1 = [cpu_seconds(p.pid) for p in servers if p is not None]
+    if failures:
+        raise failures[0]
+    mine, base = results
+    assert mine is not None and base is not None
+    us = [(c1 - c0) * 1e6 / r.requests if r.requests else None
+          for c0, c1, r in zip(cpu0, cpu1, (mine, base), strict=True)]
+    return {"variant": v.name, "floor": floor.name, "concurrency": conns,
+            "rps": round(mine.rps, 1), "floor_rps": round(base.rps, 1),
+            "cpu_us_per_request": _r(us[0]), "floor_cpu_us_per_request": _r(us[1]),
+            "cpu_of_floor": round(us[0] / us[1], 3) if us[0] is not None and us[1] else None,
+            "error_count": mine.error_count + base.error_count}
+
+
+def side_by_side_block(pairs: list[dict]) -> str:
+    """Per variant: each round's side-by-side CPU ratio and their median."""
+    lines = []
+    for name in dict.fromkeys(p["variant"] for p in pairs):
+        mine = [p for p in pairs if p["variant"] == name]
+        ratios = [p["cpu_of_floor"] for p in mine if p["cpu_of_floor"] is not None]
+        if not ratios:
+            continue
+        med = statistics.median(ratios)
+        rps = statistics.median(p["rps"] for p in mine)
+        frps = statistics.median(p["floor_rps"] for p in mine)
+        text = (f"  {name} c={mine[0]['concurrency']} with {mine[0]['floor']}: per round "
+                + " ".join(f"{x:.2f}" for x in ratios) + f"; median {med:.2f}x at {rps:,.0f} / {frps:,.0f} rps")
+        if BY_NAME[name].floor == "floor_authz" and BY_NAME[name].token:
+            text += f" (identity target <= {IDENTITY_TARGET:.2f}x: {'met' if med <= IDENTITY_TARGET else 'not met'})"
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def _r(x: float | None, nd: int = 1) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -1725,7 +1810,24 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
             return None
         return round(100.0 * s["rps"] / ref["rps"], 1)
 
+    def paired(s: dict, other: str | None) -> list[float]:
+        """Per round, the variant's CPU per request over `other`'s in the same round: the two loads
+        ran minutes apart at most, so a slower spell of this shared machine weighs on both."""
+        if not other:
+            return []
+        mine = {r["round"]: r for r in rows if r["variant"] == s["variant"] and r["concurrency"] == s["concurrency"]}
+        out = []
+        for r in rows:
+            if r["variant"] == other and r["concurrency"] == s["concurrency"] and r["round"] in mine:
+                a, b = mine[r["round"]]["cpu_us_per_request"], r["cpu_us_per_request"]
+                if a is not None and b:
+                    out.append(round(a / b, 3))
+        return out
+
     def cpu_ratio(s: dict, other: str | None) -> float | None:
+        runs = paired(s, other)
+        if runs:
+            return round(statistics.median(runs), 3)
         ref = med.get((other, s["concurrency"])) if other else None
         if ref is None or not ref["cpu_us_per_request"] or s["cpu_us_per_request"] is None:
             return None
@@ -1740,7 +1842,8 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
         s["floor_variant"] = v.floor
         s["pct_of_floor"] = pct(s, v.floor)
         # the identity target: a repeat RS256 token within 10 % of the floor's CPU per request
-        s["cpu_of_floor"] = cpu_ratio(s, v.floor)
+        s["cpu_of_floor"] = cpu_ratio(s, v.floor)       # the median of the per-round ratios
+        s["cpu_of_floor_runs"] = paired(s, v.floor)
         # what the rate limiter adds: the same listener without it (extproc_authz: same route and token)
         base = med.get((v.baseline, s["concurrency"])) if v.baseline else None
         s["vs_baseline"] = None if base is None else {
@@ -1787,6 +1890,21 @@ def table(summary: list[dict]) -> str:
         last_c = s["concurrency"]
         out.append(fmt(row))
     return "\n".join(out)
+
+
+def identity_block(summary: list[dict]) -> str:
+    """The identity target (a repeat token within 10 % of the floor's CPU per request): per
+    repeat-token extproc_authz row, its CPU per request over floor_authz's of the same round."""
+    lines = []
+    for s in summary:
+        v = BY_NAME[s["variant"]]
+        runs = s.get("cpu_of_floor_runs") or []
+        if v.floor != "floor_authz" or v.fresh or v.rate_limited or not v.token or not runs:
+            continue
+        verdict = "met" if s["cpu_of_floor"] <= IDENTITY_TARGET else "not met"
+        lines.append(f"  {s['variant']} c={s['concurrency']}: per round " + " ".join(f"{x:.2f}" for x in runs)
+                     + f"; median {s['cpu_of_floor']:.2f}x (target <= {IDENTITY_TARGET:.2f}x: {verdict})")
+    return "\n".join(lines)
 
 
 def token_notes(summary: list[dict]) -> str:
@@ -2201,6 +2319,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
                    help="comma-separated names or letters, e.g. a,d or plain,extproc_authz (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 s loads, no warm-up")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also load each extproc variant and its floor at the same time, once per round at c=32, "
+                        "and compare their CPU per request over that same window")
+    p.add_argument("--pace", type=int, default=0, metavar="RPS",
+                   help="pace the c=32 loads at about RPS requests per second (wrk's delay() per connection), "
+                        "so every variant's CPU per request is measured at the same rate; default: unpaced")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     p.add_argument("--pin", default="auto", help="CPU for wrk (taskset): auto (the last CPU), a number, or none")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs and logs) and print it")
@@ -2241,7 +2365,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants: list[Variant] = args.variants
     per_load = args.warmup + args.duration
-    loads = args.rounds * len(CONCURRENCY) * len(variants)
+    loads = args.rounds * (len(CONCURRENCY) * len(variants)
+                           + (len(side_by_side_variants(variants)) if args.side_by_side else 0))
     expected = loads * (per_load + 0.5) + STARTUP_ESTIMATE_S
     if any(v.fresh for v in variants):
         expected += args.fresh_tokens * MINT_ESTIMATE_S
@@ -2258,6 +2383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack, started = start_stack(variants, tmp, token_ttl=int(expected * 3) + 3600,
                                      fresh_tokens=args.fresh_tokens, store_timeout_ms=args.store_timeout_ms)
+        stack.pace_rps = args.pace
         meta = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "envoy_version": stack.envoy_version, "envoy_concurrency": 1,
@@ -2265,6 +2391,8 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": load_before, "pinning": pin_text,
             "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
             "concurrency": [{"connections": c, "threads": t} for c, t in CONCURRENCY],
+            "pace_rps": args.pace or None,
+            "pace_ms": pace_ms(max(c for c, _ in CONCURRENCY), args.pace) if args.pace else None,
             "target": f"GET {TARGET_PATH} (demo upstream) with Authorization: Bearer <token>: one RS256 token, "
                       "one ES256 token (*_es256), or the next of a pool of RS256 tokens per request (*_fresh)",
             "fresh_tokens": stack.fresh_pool_size or None,
@@ -2295,6 +2423,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pinning: {pin_text}")
         print(f"load: wrk HTTP/1.1, c=1 (1 thread) and c=32 (2 threads), {args.duration} s each after "
               f"{args.warmup} s warm-up, {args.rounds} round(s), order rotated per round")
+        if args.pace:
+            print(f"paced: each c=32 connection waits {meta['pace_ms']} ms after a response (about "
+                  f"{args.pace:,} rps in all, a little less by the latency)")
         print(f"target: {meta['target']}")
         if meta["cache"]:
             print(f"cache rows: {meta['cache']['target']}")
@@ -2310,6 +2441,8 @@ def main(argv: list[str] | None = None) -> int:
         open_breakers(stack, variants)
         verify(stack, variants)
         rows: list[dict] = []
+        pairs: list[dict] = []
+        paired = side_by_side_variants(variants) if args.side_by_side else []
         for rnd in range(args.rounds):
             order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
             for conns, threads in CONCURRENCY:
@@ -2329,6 +2462,16 @@ def main(argv: list[str] | None = None) -> int:
                     if row["error_count"] and row["envoy_events"]:
                         print("      Envoy: " + ", ".join(f"{k} +{n}" for k, n in row["envoy_events"].items()),
                               flush=True)
+            conns, threads = CONCURRENCY[-1]
+            for v in paired:
+                warm(stack, v, conns, threads, args.warmup, pin)
+                pair = measure_side_by_side(stack, v, conns, threads, args.duration, pin)
+                pair["round"] = rnd + 1
+                pairs.append(pair)
+                print(f"  round {rnd + 1} c={conns:<2} {v.name} and {pair['floor']} at once: "
+                      f"{pair['rps']:,.0f} / {pair['floor_rps']:,.0f} rps, sidecar CPU "
+                      f"{_fmt(pair['cpu_us_per_request'], ',.0f')} / {_fmt(pair['floor_cpu_us_per_request'], ',.0f')} "
+                      f"µs/req, errors {pair['error_count']}", flush=True)
         natives = [v for v in variants if _uses_local_rl(v)]
         if natives:
             stats = envoy_stats(stack.ports.envoy_admin)
@@ -2362,6 +2505,13 @@ def main(argv: list[str] | None = None) -> int:
         block = breaker_block(bverdicts)
         if block:
             print("\n" + block)
+        block = side_by_side_block(pairs)
+        if block:
+            print("\nside by side, the variant and its floor loaded at once (sidecar CPU per request, variant over "
+                  "floor):\n" + block)
+        block = identity_block(summary)
+        if block:
+            print("\nidentity target, sidecar CPU per request over floor_authz's in the same round:\n" + block)
         notes = token_notes(summary)
         if notes:
             print("\ntokens and caches (summed over rounds):\n" + notes)
@@ -2389,7 +2539,7 @@ def main(argv: list[str] | None = None) -> int:
                                               for v in variants},
                    "summary": summary, "cache": verdicts if any(v.cache for v in variants) else None,
                    "breaker": bverdicts if any(v.breaker for v in variants) else None,
-                   "runs": rows}
+                   "runs": rows, "side_by_side": pairs if args.side_by_side else None}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n")
             print(f"JSON written to {args.json}")
