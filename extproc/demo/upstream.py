@@ -4,8 +4,8 @@ It plays the services of the webshop plan (products cached 1 h, users 5 min priv
 payments never) so the sidecar's policies have something real to guard, and the demo identity
 provider: /api/auth/login mints RS256 tokens with the key of `extproc.demo.idp`, and
 /.well-known/jwks.json publishes its public half for the sidecar's JWT policy. With
-`"token_type": "opaque"` the login issues an opaque random token instead, kept in the replica's
-memory, which the sidecar checks by RFC 7662 introspection at POST /oauth/introspect (client
+`"token_type": "opaque"` the login issues an opaque random token instead, kept in the state
+directory that replicas share (in memory without one; `extproc.demo.opaque`), which the sidecar checks by RFC 7662 introspection at POST /oauth/introspect (client
 `extproc`, HTTP Basic, secret in `<state-dir>/introspection-secret`, see
 `introspection_secret()`); POST /oauth/revoke (RFC 7009) deactivates one.
 
@@ -49,6 +49,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from extproc.demo import idp
+from extproc.demo.opaque import OpaqueTokens
 
 log = logging.getLogger("extproc.demo.upstream")
 
@@ -176,7 +177,8 @@ class Upstream:
         self.retired_keys: list[idp.SigningKey] = []   # still published after a rotation until retired
         self.state_dir = state_dir
         self._introspection_secret: str | None = None
-        self.opaque_tokens: dict[str, dict[str, Any]] = {}   # opaque token -> its introspection claims
+        # opaque token -> its introspection claims; shared through the state directory (opaque.py)
+        self.opaque_tokens = OpaqueTokens(state_dir, MAX_OPAQUE_TOKENS)
         self._verify_key = jwt.PyJWK(key.jwk).key             # to introspect the JWTs it minted too
         self.hits: dict[str, int] = {}
         self.failures: dict[str, str] = {}
@@ -422,18 +424,15 @@ class Upstream:
                           "scope": " ".join(scopes)}, cache=NO_STORE)
 
     def issue_opaque(self, sub: str, scopes: list[str], ttl_seconds: int = TOKEN_TTL_SECONDS) -> str:
-        """A random token whose meaning only this replica knows (ask it by introspection)."""
+        """A random token whose meaning only the IdP knows (ask it by introspection): any replica
+        sharing this one's state directory, else this replica alone."""
         now = int(time.time())
-        if len(self.opaque_tokens) >= MAX_OPAQUE_TOKENS:
-            self.opaque_tokens = {t: c for t, c in self.opaque_tokens.items() if c["exp"] > now}
-            while len(self.opaque_tokens) >= MAX_OPAQUE_TOKENS:
-                del self.opaque_tokens[next(iter(self.opaque_tokens))]
         token = secrets.token_urlsafe(32)
-        self.opaque_tokens[token] = {
+        self.opaque_tokens.issue(token, {
             "active": True, "sub": sub, "scope": " ".join(scopes), "client_id": "demo-shop",
             "token_type": "Bearer", "iss": idp.DEMO_ISSUER, "aud": idp.DEMO_AUDIENCE,
             "iat": now, "nbf": now, "exp": now + ttl_seconds, "jti": uuid.uuid4().hex,
-        }
+        }, now)
         return token
 
     @property
@@ -457,7 +456,7 @@ class Upstream:
         now = time.time()
         claims = self.opaque_tokens.get(token)
         if claims is not None:
-            return dict(claims) if claims["active"] and claims["exp"] > now else None
+            return claims if claims.get("active") and claims.get("exp", 0) > now else None
         try:
             decoded = jwt.decode(token, self._verify_key, algorithms=["RS256"], audience=idp.DEMO_AUDIENCE,
                                  issuer=idp.DEMO_ISSUER)
@@ -489,9 +488,7 @@ class Upstream:
         if not isinstance(token, str) or not token:
             return self.json({"error": "invalid_request", "error_description": "token is required"},
                              status=400, cache=NO_STORE)
-        claims = self.opaque_tokens.get(token)
-        if claims is not None:
-            claims["active"] = False
+        self.opaque_tokens.deactivate(token)
         return web.Response(status=200, headers={"Cache-Control": NO_STORE})
 
     async def logout(self, request: web.Request) -> web.Response:

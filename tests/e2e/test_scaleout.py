@@ -274,6 +274,23 @@ def test_c_a_token_revoked_through_one_envoy_is_refused_through_the_other(fleet)
     assert statuses == [401] * 12, statuses
 
 
+def test_c2_an_opaque_token_issued_by_either_upstream_replica_passes_either_envoy(fleet):
+    """Logins are balanced over both upstream replicas; the sidecars introspect at r1. The
+    replicas share their state directory, so r2's opaque tokens are r1's too."""
+    issued: dict[str, list[str]] = {}
+    for i in range(12):
+        body = json.dumps({"username": "bob", "password": "bob-password", "token_type": "opaque"}).encode()
+        r = request("POST", f"{fleet.envoy_url(i % 2)}/api/auth/login", {"content-type": "application/json", **HOST},
+                    body)
+        assert r.status == 200, r.body
+        issued.setdefault(r.header("x-upstream-replica") or "?", []).append(json.loads(r.body)["access_token"])
+    assert set(issued) == {"r1", "r2"}, sorted(issued)
+    for replica, tokens in issued.items():
+        for token in tokens:
+            statuses = [get(f"{fleet.envoy_url(i)}/api/products/1", token, headers=HOST).status for i in (0, 1)]
+            assert statuses == [200, 200], (replica, statuses)
+
+
 def test_d_a_write_through_one_envoy_invalidates_the_entry_read_through_the_other(fleet):
     reader = fleet.token("catalog-reader")
     writer = fleet.token("catalog-admin", ("read", "write", "admin"))

@@ -153,6 +153,59 @@ def test_form_login_can_ask_for_an_opaque_token(scenario) -> None:
     scenario(body)
 
 
+def test_replicas_sharing_a_state_directory_share_opaque_tokens(signing_key: idp.SigningKey, tmp_path: Path) -> None:
+    """compose and scripts/stack run two upstream replicas on one state directory, and Envoy
+    balances logins over both: a token of r1 must introspect at r2, a revocation at r2 hold at r1.
+    Replicas without a shared directory know only their own tokens."""
+    async def introspect(client: TestClient, token: str) -> bool:
+        state = client.app[upstream.UPSTREAM].state_dir
+        resp = await client.post(ENDPOINT, data={"token": token},
+                                 headers=basic("extproc", upstream.introspection_secret(state)))
+        assert resp.status == 200
+        return (await resp.json())["active"]
+
+    async def login(client: TestClient) -> str:
+        resp = await client.post("/api/auth/login", json={"username": "bob", "password": "bob-password",
+                                                           "token_type": "opaque"})
+        return (await resp.json())["access_token"]
+
+    secret = upstream.introspection_secret(tmp_path)
+
+    async def main() -> None:
+        async with (TestClient(TestServer(upstream.build_app("r1", signing_key, tmp_path))) as r1,
+                    TestClient(TestServer(upstream.build_app("r2", signing_key, tmp_path))) as r2):
+            token = await login(r1)
+            assert await introspect(r2, token) and await introspect(r1, token)
+            assert token not in "".join(p.name for p in (tmp_path / "opaque-tokens").iterdir())  # digests only
+            revoked = await r2.post("/oauth/revoke", data={"token": token}, headers=basic("extproc", secret))
+            assert revoked.status == 200
+            assert not await introspect(r1, token) and not await introspect(r2, token)
+            assert await introspect(r1, await login(r2))
+        async with (TestClient(TestServer(upstream.build_app("m1", signing_key, None))) as m1,
+                    TestClient(TestServer(upstream.build_app("m2", signing_key, None))) as m2):
+            token = await login(m1)
+            assert await introspect(m1, token) and not await introspect(m2, token)
+    asyncio.run(main())
+
+
+def test_the_shared_opaque_tokens_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extproc.demo import opaque
+
+    monkeypatch.setattr(opaque, "SWEEP_EVERY", 5)
+    tokens = opaque.OpaqueTokens(tmp_path, max_tokens=10)
+    now = 1_000_000.0
+    for i in range(40):           # every other one already expired
+        tokens.issue(f"t{i}", {"active": True, "exp": now + (-1 if i % 2 else 3600 + i)}, now)
+    files = list((tmp_path / "opaque-tokens").iterdir())
+    assert len(files) <= 10 + 5
+    # the expired ones go at each sweep: only those issued since the last one remain
+    assert len([f for f in files if f.stat().st_mtime <= now]) < 5
+    assert "t38" in tokens and tokens["t38"]["exp"] == now + 3638
+    assert "t0" not in tokens         # the bound took those expiring first
+    assert tokens.deactivate("t38") and tokens["t38"]["active"] is False
+    assert not tokens.deactivate("never")
+
+
 def test_introspection_needs_the_client_credentials(scenario) -> None:
     async def body(idp_: Idp) -> None:
         token = await idp_.login()
