@@ -43,10 +43,6 @@ UNAVAILABLE_REASONS = frozenset({Reason.INTROSPECTION_UNAVAILABLE, Reason.REVOCA
                                  Reason.STORE_TIMEOUT})
 
 
-def _debug() -> bool:
-    return log.isEnabledFor(logging.DEBUG)
-
-
 _parse = pb.CheckRequest.FromString
 
 
@@ -190,7 +186,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         rt = self._runtime()
         if ex is None or ex.rt is not rt:
             ex = self.express(rt)
-        if ex.lanes and not tracing.ACTIVE and not _debug():
+        if ex.lanes and not tracing.ACTIVE and not log.isEnabledFor(logging.DEBUG):
             # a repeat credential of an express policy: its stored reply (see services/express.py)
             reply = ex.answer(request, len(data), start)
             if reply is not None:

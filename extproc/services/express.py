@@ -23,9 +23,10 @@ credential, the answer to a repeat credential is the same reply every time, so:
   answers exactly as before (a revoked token then gets its 401 there).
 * The per-request parts are added to the stored bytes, not rebuilt: the Server-Timing header is
   a second serialised CheckResponse appended (protobuf merges concatenated messages: repeated
-  fields append). Metrics are counted in plain integers and added to their Prometheus children
-  every 100 ms and before the process renders its metrics (`Tally`): exact, and at most 100 ms
-  late for a scrape of another process (the supervisor's, with several workers).
+  fields append). A hit appends what it counts and its duration to two lists (`Tally`); the
+  counts and histogram buckets are worked out and added to their Prometheus children every
+  100 ms and before the process renders its metrics: exact, and at most 100 ms late for a
+  scrape of another process (the supervisor's, with several workers).
 
 A new config builds a new Runtime, and with it an empty express table.
 """
@@ -35,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
@@ -95,40 +96,48 @@ class Lane:
 
 class Tally:
     """Hot-path counts added to their Prometheus children every `FLUSH_SECONDS`, and before
-    this process renders or sums its metrics (`metrics.flush_pending`)."""
+    this process renders or sums its metrics (`metrics.flush_pending`). A hit only appends its
+    counters and its duration to two lists (`hit`); the counting and the histogram's buckets are
+    worked out at the flush, in one tight loop."""
 
     FLUSH_SECONDS = 0.1
 
     def __init__(self, histogram) -> None:
-        self._counts: dict[tuple, int] = {}
         self._hist = histogram
         self._bounds = list(getattr(histogram, "_upper_bounds", ()))
-        self._buckets = [0] * len(self._bounds)
-        self._sum = 0.0
-        self._scheduled = False
+        self.counters: list[tuple] = []       # per hit since the last flush: what it increments
+        self.durations: list[float] = []      # and how long it took
+        self.scheduled = False
         metrics.flush_before_collect(self)
 
     def add(self, counters: tuple, seconds: float) -> None:
-        self._counts[counters] = self._counts.get(counters, 0) + 1
-        if self._bounds:
-            self._buckets[bisect.bisect_left(self._bounds, seconds)] += 1
-            self._sum += seconds
-        else:
-            self._hist.observe(seconds)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+        self.counters.append(counters)
+        self.durations.append(seconds)
+        if not self.scheduled:
+            self.schedule()
+
+    def schedule(self) -> None:
+        self.scheduled = True
+        asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False      # a pending timer finds nothing to add, harmlessly
-        counts, self._counts = self._counts, {}
-        for counters, n in counts.items():
+        self.scheduled = False      # a pending timer finds nothing to add, harmlessly
+        hits, self.counters = self.counters, []
+        durations, self.durations = self.durations, []
+        for counters, n in Counter(hits).items():
             for c in counters:
                 c.inc(n)
-        if self._sum or any(self._buckets):
-            metrics.observe_many(self._hist, self._buckets, self._sum)
-            self._buckets = [0] * len(self._bounds)
-            self._sum = 0.0
+        if not durations:
+            return
+        if not self._bounds:
+            for d in durations:
+                self._hist.observe(d)
+            return
+        buckets = [0] * len(self._bounds)
+        bounds = self._bounds
+        for d in durations:
+            buckets[bisect.bisect_left(bounds, d)] += 1
+        metrics.observe_many(self._hist, buckets, sum(durations))
 
 
 class Express:
@@ -190,7 +199,11 @@ class Express:
         entries.move_to_end(key)
         self.hits += 1
         elapsed = time.perf_counter() - start
-        self.tally.add(entry.counters, elapsed)
+        tally = self.tally            # Tally.add, inline: the two appends are all a hit pays
+        tally.counters.append(entry.counters)
+        tally.durations.append(elapsed)
+        if not tally.scheduled:
+            tally.schedule()
         timing = _TIMING.get(int(elapsed * 1e6))
         return entry.reply + (timing if timing is not None else timing_bytes(elapsed))
 

@@ -283,24 +283,25 @@ def test_which_policies_take_the_lane(sidecar: Sidecar):
     assert _lanes(sidecar, logs) == set()
 
 
-def test_observe_many_is_observe():
-    from prometheus_client import CollectorRegistry, Histogram
-
-    from extproc.telemetry import metrics
+def test_the_tally_adds_what_observe_and_inc_would_have():
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
     reg = CollectorRegistry()
     a = Histogram("a_seconds", "a", ["s"], buckets=(0.001, 0.01, 0.1), registry=reg).labels("x")
     b = Histogram("b_seconds", "b", ["s"], buckets=(0.001, 0.01, 0.1), registry=reg).labels("x")
     values = [0.0005, 0.001, 0.002, 0.05, 0.5, 2.0, 0.01]
+    hits = Counter("hits", "h", ["s"], registry=reg)
+    one, other = hits.labels("one"), hits.labels("other")
     tally = expressmod.Tally(b)
-    for v in values:
+    for i, v in enumerate(values):
         a.observe(v)
-    buckets = [0] * 4
-    import bisect
-
-    for v in values:
-        buckets[bisect.bisect_left(tally._bounds, v)] += 1
-    metrics.observe_many(b, buckets, sum(values))
+        tally.counters.append((one, other) if i % 2 else (one,))     # what Express.answer appends
+        tally.durations.append(v)
+    tally.flush()
+    assert (one._value.get(), other._value.get()) == (len(values), len(values) // 2)
+    assert tally.counters == [] and tally.durations == []
+    tally.flush()                                                       # nothing pending: nothing added
+    assert one._value.get() == len(values)
 
     def samples(name: str) -> list[tuple[str, float]]:
         return [(s.labels.get("le", s.name[len(name):]), s.value)
