@@ -46,7 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -206,9 +206,11 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _free_ports(n: int, cluster_bus: bool = False) -> list[int]:
-    """n distinct free ports (held together so none repeats); with `cluster_bus`, each below
-    55536 with its Redis Cluster bus port (+10000) free too."""
+def _free_ports(n: int, cluster_bus: bool = False, avoid: Iterable[int] = ()) -> list[int]:
+    """n distinct free ports (held together so none repeats), none of them (nor their bus ports)
+    in `avoid` (ports handed out by an earlier call, whose sockets are closed by now); with
+    `cluster_bus`, each below 55536 with its Redis Cluster bus port (+10000) free too."""
+    taken = set(avoid)
     held: list[socket.socket] = []
     out: list[int] = []
     try:
@@ -217,8 +219,11 @@ def _free_ports(n: int, cluster_bus: bool = False) -> list[int]:
             s.bind(("127.0.0.1", 0))
             held.append(s)
             port = s.getsockname()[1]
+            if port in taken:
+                continue
             if cluster_bus and (port + CLUSTER_BUS_OFFSET > 65535 or port + CLUSTER_BUS_OFFSET in out
-                                or not _bindable(port + CLUSTER_BUS_OFFSET)):
+                                or port - CLUSTER_BUS_OFFSET in out
+                                or port + CLUSTER_BUS_OFFSET in taken or not _bindable(port + CLUSTER_BUS_OFFSET)):
                 continue
             out.append(port)
             if len(out) == n:
@@ -276,7 +281,7 @@ def plan_ports(t: Topology) -> Ports:
     redis_n = {"none": 0, "single": 1, "cluster": 6}[t.redis]
     if not t.base_port:
         rest = _free_ports(4 * t.envoys + 2 * t.sidecars + 2 + (1 if t.prometheus else 0))
-        redis = _free_ports(redis_n, cluster_bus=t.redis == "cluster") if redis_n else []
+        redis = _free_ports(redis_n, cluster_bus=t.redis == "cluster", avoid=rest) if redis_n else []
         it = iter(rest)
         envoys = [{"external": next(it), "internal": next(it), "admin": next(it), "external_tls": next(it)}
                   for _ in range(t.envoys)]

@@ -208,6 +208,29 @@ def test_port_layout_from_a_base_and_from_free_ports():
     assert all(port + stack.CLUSTER_BUS_OFFSET <= 65535 for port in free.redis)
 
 
+def test_free_ports_of_a_second_call_avoid_those_of_the_first(monkeypatch: pytest.MonkeyPatch):
+    """plan_ports asks twice (the Redis nodes need their bus ports free too); the first call's
+    sockets are closed by then, so the kernel may hand its ports out again: seen in a clean run."""
+    handed = iter([30001, 30002, 30001, 20002, 30003, 30004, 30005])
+
+    class FakeSocket:
+        def bind(self, addr: tuple[str, int]) -> None:
+            self.port = next(handed)
+
+        def getsockname(self) -> tuple[str, int]:
+            return "127.0.0.1", self.port
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack.socket, "socket", FakeSocket)
+    monkeypatch.setattr(stack, "_bindable", lambda port: True)
+    first = stack._free_ports(2)
+    assert first == [30001, 30002]
+    # 30001 again: handed out already; 20002: its bus port would be 30002, handed out already
+    assert stack._free_ports(2, cluster_bus=True, avoid=first) == [30003, 30004]
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"redis": "none", "sidecars": 2}, "needs --sidecars 1"),
     ({"redis": "bogus"}, "none, single or cluster"),
