@@ -36,6 +36,7 @@ import copy
 import datetime as dt
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -206,29 +207,39 @@ def _bindable(port: int) -> bool:
     return True
 
 
+PORT_LOW, PORT_HIGH = 10000, 32000      # below the kernel's ephemeral range (32768+)
+
+
 def _free_ports(n: int, cluster_bus: bool = False, avoid: Iterable[int] = ()) -> list[int]:
     """n distinct free ports (held together so none repeats), none of them (nor their bus ports)
-    in `avoid` (ports handed out by an earlier call, whose sockets are closed by now); with
-    `cluster_bus`, each below 55536 with its Redis Cluster bus port (+10000) free too."""
+    in `avoid` (ports handed out by an earlier call, whose sockets are closed by now). Picked at
+    random below the ephemeral range: a port got by binding to 0 is an ephemeral one, which an
+    outgoing connection (Envoy to an upstream, a client) may take before its listener binds it,
+    as tests/support/procs.py and the bench learnt. With `cluster_bus`, each port's Redis Cluster
+    bus port (+10000) is free and below that range too."""
     taken = set(avoid)
+    high = PORT_HIGH - CLUSTER_BUS_OFFSET if cluster_bus else PORT_HIGH
     held: list[socket.socket] = []
     out: list[int] = []
     try:
-        for _ in range(4000):
+        for _ in range(50 * n + 200):
+            port = random.randrange(PORT_LOW, high)
+            if port in taken or port in out:
+                continue
+            bus = port + CLUSTER_BUS_OFFSET
+            if cluster_bus and (bus in out or port - CLUSTER_BUS_OFFSET in out or bus in taken or not _bindable(bus)):
+                continue
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             held.append(s)
-            port = s.getsockname()[1]
-            if port in taken:
-                continue
-            if cluster_bus and (port + CLUSTER_BUS_OFFSET > 65535 or port + CLUSTER_BUS_OFFSET in out
-                                or port - CLUSTER_BUS_OFFSET in out
-                                or port + CLUSTER_BUS_OFFSET in taken or not _bindable(port + CLUSTER_BUS_OFFSET)):
-                continue
             out.append(port)
             if len(out) == n:
                 return out
-        raise RuntimeError(f"found only {len(out)} of {n} free ports")
+        raise RuntimeError(f"found only {len(out)} of {n} free ports below {high}")
     finally:
         for s in held:
             s.close()
