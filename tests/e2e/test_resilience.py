@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import urllib.request
 from collections import Counter
 
@@ -17,6 +16,7 @@ import pytest
 
 from extproc.demo import idp
 from tests.support.http import get, request
+from tests.support.load import BackgroundLoad
 from tests.support.procs import free_consecutive, http_status, wait_until
 from tests.support.redis_servers import RedisServer
 from tests.support.stack import ROOT, SIDECAR, get_json, new_stack
@@ -25,45 +25,6 @@ pytestmark = pytest.mark.e2e
 
 # these tests load one user far past the demo's per-user quota: rate limits are not under test here
 NO_LIMITS = {"rate_limits.rules": []}
-
-
-class Load:
-    """A bounded background load of GETs; records every status (0 = connection error)."""
-
-    def __init__(self, url: str, token: str | None = None, threads: int = 4, max_seconds: float = 30.0):
-        self.url, self.token = url, token
-        self.statuses: list[int] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-        self._lock = threading.Lock()
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            try:
-                status = get(self.url, self.token, timeout=5).status
-            except OSError:
-                status = 0
-            with self._lock:
-                self.statuses.append(status)
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=10)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.statuses)
-
-    def wait_for_more(self, n: int, timeout: float = 15.0) -> None:
-        target = self.count() + n
-        wait_until(lambda: self.count() >= target, timeout=timeout, what=f"{n} more requests")
 
 
 @pytest.fixture
@@ -82,7 +43,7 @@ def test_sidecar_restart_under_load_never_lets_traffic_through_unchecked(own_sta
     s.start_sidecar()
     s.start_envoy()
     token = idp.load_or_create(s.dir).mint("alice")
-    with Load(f"{s.external}/api/products/1") as anon, Load(f"{s.external}/api/products/1", token) as authed:
+    with BackgroundLoad(f"{s.external}/api/products/1") as anon, BackgroundLoad(f"{s.external}/api/products/1", token) as authed:
         anon.wait_for_more(20)
         authed.wait_for_more(20)
         s.procs["sidecar"].kill()                         # crash, not a drain
@@ -161,7 +122,7 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
         token = idp.load_or_create(s.dir).mint("alice")
 
         pids = workers()["worker_pids"]
-        with Load(f"{s.external}/api/products/1", token, threads=threads) as load:
+        with BackgroundLoad(f"{s.external}/api/products/1", token, threads=threads) as load:
             load.wait_for_more(50)
             os.kill(int(pids["1"]), signal.SIGTERM)
             wait_until(lambda: workers()["worker_pids"]["1"] != pids["1"] and both_up(), what="worker 1 back")
@@ -180,7 +141,7 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
         assert allowed >= len(load.statuses)
 
         pids = workers()["worker_pids"]
-        with Load(f"{s.external}/api/products/1", token, threads=threads) as load:
+        with BackgroundLoad(f"{s.external}/api/products/1", token, threads=threads) as load:
             load.wait_for_more(50)
             os.kill(int(pids["0"]), signal.SIGKILL)
             load.wait_for_more(50)

@@ -33,7 +33,6 @@ in time; every wait is a poll with a deadline.
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
@@ -41,13 +40,13 @@ import urllib.request
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.crc import key_slot
 
 from tests.support.http import Response, get, request
+from tests.support.load import BackgroundLoad
 from tests.support.procs import Proc, wait_until
 from tests.unit.test_stack_config import load_script
 
@@ -139,70 +138,6 @@ def at_once(calls: list) -> list[Response]:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads), "a request hung"
     return out
-
-
-@dataclass
-class SteadyLoad:
-    """Paced GETs through both Envoys: `connections` keep-alive connections (connection i on
-    Envoy i % 2) sharing `rate` requests/s, for at most `max_seconds`. Records (time, status)
-    with 0 for a connection error."""
-    stack: object
-    path: str
-    token: str
-    rate: float = 40.0
-    connections: int = 4
-    max_seconds: float = 45.0
-    results: list[tuple[float, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._deadline = time.monotonic() + self.max_seconds
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.connections)]
-
-    def _run(self, i: int) -> None:
-        url = self.stack.envoy_url(i % 2)
-        host, port = url.split("//", 1)[1].split(":")
-        period = self.connections / self.rate
-        next_at = time.monotonic() + i * period / self.connections
-        conn: http.client.HTTPConnection | None = None
-        headers = {"Authorization": f"Bearer {self.token}", **HOST}
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            self._stop.wait(max(0.0, next_at - time.monotonic()))     # pacing, not synchronisation
-            next_at += period
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(host, int(port), timeout=5)
-                conn.request("GET", self.path, headers=headers)
-                resp = conn.getresponse()
-                resp.read()
-                status = resp.status
-            except (OSError, http.client.HTTPException):
-                status = 0
-                if conn is not None:
-                    conn.close()
-                conn = None
-            with self._lock:
-                self.results.append((time.monotonic(), status))
-        if conn is not None:
-            conn.close()
-
-    def __enter__(self) -> SteadyLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=10)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.results)
-
-    def wait_for(self, n: int, timeout: float = 30.0) -> None:
-        wait_until(lambda: self.count() >= n, timeout=timeout, what=f"{n} responses of the steady load")
 
 
 def bad(statuses) -> list[int]:
@@ -337,7 +272,9 @@ def test_e_a_killed_sidecar_and_a_killed_redis_master_lose_bounded_requests_and_
     fallback_before = [fallbacks(j) for j in range(3)]
     killed = 1
     connections = 4
-    with SteadyLoad(fleet, "/api/products/1", token, rate=40, connections=connections) as load:
+    urls = [f"{fleet.envoy_url(i)}/api/products/1" for i in range(2)]     # connection i on Envoy i % 2
+    with BackgroundLoad(urls, token, threads=connections, rate=40, keep_alive=True, headers=HOST,
+                        max_seconds=45) as load:
         load.wait_for(40)
         fallback_killed = fallbacks(killed) - fallback_before[killed]    # its counters die with it
         sidecar_kill_at = load.count()
