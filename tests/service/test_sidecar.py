@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -168,7 +169,24 @@ def test_check_a_request_that_does_not_parse_is_invalid_argument(sidecar: Sideca
             # an empty message is a valid (empty) CheckRequest: the default policy's answer, a 401
             reply = external_auth_pb2.CheckResponse.FromString(await raw(b"", timeout=5))
             assert reply.denied_response.status.code == 401
+            # a valid request cut short or with a flipped byte: a reply or INVALID_ARGUMENT, never
+            # an internal error, and the sidecar answers normally afterwards
+            rnd = random.Random(7)
+            valid = check_request(policy="api", token=sidecar.token("alice")).SerializeToString()
+            seen = set()
+            for i in range(300):
+                data = bytearray(valid[:rnd.randrange(len(valid))] if i % 2 else valid)
+                if i % 3:
+                    data[rnd.randrange(len(data))] ^= 1 << rnd.randrange(8)
+                try:
+                    external_auth_pb2.CheckResponse.FromString(await raw(bytes(data), timeout=5))
+                    seen.add("reply")
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+                    seen.add("invalid")
+            assert seen == {"reply", "invalid"}
             assert (await rt.check(check_request(policy="public"))).status.code == OK
+            assert (await rt.check(check_request(policy="api", token=sidecar.token("alice")))).status.code == OK
     run(body)
 
 
