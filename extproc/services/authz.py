@@ -178,7 +178,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         start = time.perf_counter()
         try:
             request = _parse(data)
-        except Exception:  # noqa: BLE001 - grpc's own deserializer answered INTERNAL too; now it is said
+        except Exception:  # noqa: BLE001 - bytes that are no CheckRequest are the caller's error, said so
             log.warning("CheckRequest does not parse", extra={"bytes": len(data)})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "extproc: malformed CheckRequest")
             raise  # unreachable: abort raises
