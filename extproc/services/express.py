@@ -97,7 +97,7 @@ class Lane:
 class Tally:
     """Hot-path counts added to their Prometheus children every `FLUSH_SECONDS`, and before
     this process renders or sums its metrics (`metrics.flush_pending`). A hit only appends its
-    counters and its duration to two lists (`hit`); the counting and the histogram's buckets are
+    counters and its duration to two lists (`add`); the counting and the histogram's buckets are
     worked out at the flush, in one tight loop."""
 
     FLUSH_SECONDS = 0.1
@@ -114,11 +114,8 @@ class Tally:
         self.counters.append(counters)
         self.durations.append(seconds)
         if not self.scheduled:
-            self.schedule()
-
-    def schedule(self) -> None:
-        self.scheduled = True
-        asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+            self.scheduled = True
+            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         self.scheduled = False      # a pending timer finds nothing to add, harmlessly
@@ -199,13 +196,8 @@ class Express:
         entries.move_to_end(key)
         self.hits += 1
         elapsed = time.perf_counter() - start
-        tally = self.tally            # Tally.add, inline: the two appends are all a hit pays
-        tally.counters.append(entry.counters)
-        tally.durations.append(elapsed)
-        if not tally.scheduled:
-            tally.schedule()
-        timing = _TIMING.get(int(elapsed * 1e6))
-        return entry.reply + (timing if timing is not None else timing_bytes(elapsed))
+        self.tally.add(entry.counters, elapsed)
+        return entry.reply + timing_bytes(elapsed)
 
     def learn(self, request: pb.CheckRequest, decision: Decision, now: float, build) -> None:
         """After the full path allowed a request: keep its reply when it qualifies. `build`

@@ -295,7 +295,7 @@ def test_the_tally_adds_what_observe_and_inc_would_have():
     tally = expressmod.Tally(b)
     for i, v in enumerate(values):
         a.observe(v)
-        tally.counters.append((one, other) if i % 2 else (one,))     # what Express.answer appends
+        tally.counters.append((one, other) if i % 2 else (one,))     # what Tally.add appends
         tally.durations.append(v)
     tally.flush()
     assert (one._value.get(), other._value.get()) == (len(values), len(values) // 2)
