@@ -5,9 +5,10 @@ payments never) so the sidecar's policies have something real to guard, and the 
 provider: /api/auth/login mints RS256 tokens with the key of `extproc.demo.idp`, and
 /.well-known/jwks.json publishes its public half for the sidecar's JWT policy. With
 `"token_type": "opaque"` the login issues an opaque random token instead, kept in the state
-directory that replicas share (in memory without one; `extproc.demo.opaque`), which the sidecar checks by RFC 7662 introspection at POST /oauth/introspect (client
-`extproc`, HTTP Basic, secret in `<state-dir>/introspection-secret`, see
-`introspection_secret()`); POST /oauth/revoke (RFC 7009) deactivates one.
+directory that replicas share (in memory without one; `extproc.demo.opaque`), which the sidecar
+checks by RFC 7662 introspection at POST /oauth/introspect (client `extproc`, HTTP Basic, secret
+in `<state-dir>/introspection-secret`, see `introspection_secret()`); POST /oauth/revoke
+(RFC 7009) deactivates one.
 
 Tests observe it from the side. Every response names the replica that served it
 (`x-upstream-replica`), every request except /_control/* is counted per path (GET /_control/hits),

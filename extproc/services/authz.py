@@ -182,10 +182,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             log.warning("CheckRequest does not parse", extra={"bytes": len(data)})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "extproc: malformed CheckRequest")
             raise  # unreachable: abort raises
-        ex = self._express
-        rt = self._runtime()
-        if ex is None or ex.rt is not rt:
-            ex = self.express(rt)
+        ex = self.express(self._runtime())
         if ex.lanes and not tracing.ACTIVE and not log.isEnabledFor(logging.DEBUG):
             # a repeat credential of an express policy: its stored reply (see services/express.py)
             reply = ex.answer(request, len(data), start)
