@@ -345,6 +345,23 @@ def test_health_and_reflection(sidecar: Sidecar):
     run(body)
 
 
+def test_only_the_per_request_methods_are_registered(sidecar: Sidecar):
+    """grpc.aio makes every incoming call wait on one pending request per registered method
+    (app.GenericOnly): only Check and Process, one call per request, are registered, as in the
+    floor servicer; health, reflection (above), rate limits and access logs answer as generic
+    methods."""
+    def registered() -> int:
+        return sum(getattr(t.get_coro(), "__name__", "") == "_request_registered_call" for t in asyncio.all_tasks())
+
+    async def body():
+        async with sidecar.run(sidecar.config()) as rt:
+            assert await allowed(rt, "public")
+            await eventually(lambda: registered() == 2, what="two registered methods pending")
+            assert await rt.health("") == SERVING
+            assert registered() == 2
+    run(body)
+
+
 def test_reflection_describes_the_services(sidecar: Sidecar):
     async def body():
         async with sidecar.run(sidecar.config()) as rt:
