@@ -114,6 +114,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "scripts") not in sys.path:        # imported by path (tests), not run
+    sys.path.insert(0, str(ROOT / "scripts"))
+import proclib  # noqa: E402
+
 VENV_BIN = ROOT / ".venv" / "bin"
 TARGET_PATH = "/api/products/1"
 ISSUER = "extproc-bench"
@@ -426,32 +430,11 @@ class Proc:
 def free_ports(n: int) -> list[int]:
     """n distinct free ports below the kernel's ephemeral range (32768+): a port picked by binding
     to 0 is an ephemeral one that an outgoing connection (wrk, Envoy to the upstream) can take
-    before the process meant to listen there binds it."""
-    import random
-
-    socks: list[socket.socket] = []
-    ports: list[int] = []
+    before the process meant to listen there binds it. Picked by scripts/proclib.py."""
     try:
-        for _ in range(50 * n + 100):
-            if len(ports) == n:
-                return ports
-            port = random.randrange(10000, 32000)
-            if port in ports:
-                continue
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                s.close()
-                continue
-            socks.append(s)
-            ports.append(port)
-        if len(ports) == n:
-            return ports
-        raise BenchError(f"no {n} free ports found below 32000")
-    finally:
-        for s in socks:
-            s.close()
+        return proclib.free_ports(n)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def http_request(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0,

@@ -35,19 +35,16 @@ import argparse
 import copy
 import datetime as dt
 import json
-import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +52,10 @@ from typing import Any, Protocol
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "scripts") not in sys.path:        # imported by path (tests), not run
+    sys.path.insert(0, str(ROOT / "scripts"))
+from proclib import CLUSTER_BUS_OFFSET, Proc, bindable, free_ports, http_status, wait_until  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 SHIPPED_ENVOY = ROOT / "envoy" / "envoy-workers.yaml"
 SHIPPED_SIDECAR = ROOT / "extproc.yaml"
@@ -66,7 +67,6 @@ DEFAULT_STATE_DIR = ROOT / ".extproc" / "stack"
 EXTERNAL, INTERNAL, ENVOY_ADMIN, UPSTREAM, SIDECAR = 8000, 8001, 9901, 18080, 50051
 EXTERNAL_TLS = 8443      # the external listener over TLS (its certificate: .extproc/tls, made by scripts/setup)
 SIDECAR_PORTS = range(SIDECAR, SIDECAR + 64)     # envoy-workers.yaml lists worker i on 50051 + i
-CLUSTER_BUS_OFFSET = 10000
 # clusters of services the native stack does not run: kept exactly as shipped
 KEPT_AS_SHIPPED = {4317: "the OTLP/gRPC trace collector (not part of the native stack: run one there for Envoy's spans)"}
 MAX_ENVOYS, MAX_SIDECARS = 10, 100
@@ -92,89 +92,6 @@ class ProcLike(Protocol):
 ProcFactory = Callable[..., ProcLike]      # (name, argv, log_dir, env=...) -> ProcLike
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
-               what: str = "condition") -> Any:
-    """Poll `check` until it returns a true value (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - polling tolerates errors until the deadline
-            last = exc
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last!r}" if last else ""))
-
-
-class Proc:
-    """One child process, its output in `<log_dir>/<name>.log`, in its own session (a Ctrl-C on
-    the terminal reaches only this script, which then stops each child by its PID)."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None):
-        self.name, self.argv = name, argv
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(cwd or ROOT),
-                                      env={**os.environ, **(env or {})}, start_new_session=True)
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> Proc:
-        def ready() -> bool:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            return check()
-        try:
-            wait_until(ready, timeout=timeout, what=f"{self.name} ready")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n--- {self.name} log ({self.log_path}) ---\n{self.log_tail()}") from None
-        return self
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=5)
-        else:
-            self.popen.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.popen.returncode
-
-    def kill(self) -> None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-            self.popen.wait(timeout=5)
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-
-def http_status(url: str, timeout: float = 1.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        err.close()
-        return err.code
-
-
 def http_json(url: str, method: str = "GET", body: Any = None, token: str | None = None,
               timeout: float = 3.0) -> tuple[int, Any]:
     headers = {"content-type": "application/json"}
@@ -193,56 +110,6 @@ def http_json(url: str, method: str = "GET", body: Any = None, token: str | None
             return err.code, json.loads(raw)
         except ValueError:
             return err.code, raw.decode(errors="replace")
-
-
-def _bindable(port: int) -> bool:
-    """Nothing listens on `port` (connections in TIME_WAIT from a previous run do not count:
-    the servers set SO_REUSEADDR too)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-PORT_LOW, PORT_HIGH = 10000, 32000      # below the kernel's ephemeral range (32768+)
-
-
-def _free_ports(n: int, cluster_bus: bool = False, avoid: Iterable[int] = ()) -> list[int]:
-    """n distinct free ports (held together so none repeats), none of them (nor their bus ports)
-    in `avoid` (ports handed out by an earlier call, whose sockets are closed by now). Picked at
-    random below the ephemeral range: a port got by binding to 0 is an ephemeral one, which an
-    outgoing connection (Envoy to an upstream, a client) may take before its listener binds it,
-    as tests/support/procs.py and the bench learnt. With `cluster_bus`, each port's Redis Cluster
-    bus port (+10000) is free and below that range too."""
-    taken = set(avoid)
-    high = PORT_HIGH - CLUSTER_BUS_OFFSET if cluster_bus else PORT_HIGH
-    held: list[socket.socket] = []
-    out: list[int] = []
-    try:
-        for _ in range(50 * n + 200):
-            port = random.randrange(PORT_LOW, high)
-            if port in taken or port in out:
-                continue
-            bus = port + CLUSTER_BUS_OFFSET
-            if cluster_bus and (bus in out or port - CLUSTER_BUS_OFFSET in out or bus in taken or not _bindable(bus)):
-                continue
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-            out.append(port)
-            if len(out) == n:
-                return out
-        raise RuntimeError(f"found only {len(out)} of {n} free ports below {high}")
-    finally:
-        for s in held:
-            s.close()
 
 
 # ------------------------------------------------------------------------------- topology ---
@@ -291,8 +158,8 @@ class Ports:
 def plan_ports(t: Topology) -> Ports:
     redis_n = {"none": 0, "single": 1, "cluster": 6}[t.redis]
     if not t.base_port:
-        rest = _free_ports(4 * t.envoys + 2 * t.sidecars + 2 + (1 if t.prometheus else 0))
-        redis = _free_ports(redis_n, cluster_bus=t.redis == "cluster", avoid=rest) if redis_n else []
+        rest = free_ports(4 * t.envoys + 2 * t.sidecars + 2 + (1 if t.prometheus else 0))
+        redis = free_ports(redis_n, cluster_bus=t.redis == "cluster", avoid=rest) if redis_n else []
         it = iter(rest)
         envoys = [{"external": next(it), "internal": next(it), "admin": next(it), "external_tls": next(it)}
                   for _ in range(t.envoys)]
@@ -309,7 +176,7 @@ def plan_ports(t: Topology) -> Ports:
 
 def busy_ports(ports: Ports, cluster: bool) -> list[int]:
     wanted = ports.all() + ([p + CLUSTER_BUS_OFFSET for p in ports.redis] if cluster else [])
-    return [p for p in wanted if not _bindable(p)]
+    return [p for p in wanted if not bindable(p)]
 
 
 # ---------------------------------------------------------------------------------- configs ---

@@ -14,11 +14,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.support.procs import Proc, free_port, wait_until
+from tests.support.procs import Proc, free_port, free_ports, wait_until
 
 REDIS_SERVER = "redis-server"
 REDIS_CLI = "redis-cli"
-_CLUSTER_BUS_OFFSET = 10000
 
 
 def _require(binary: str) -> str:
@@ -47,38 +46,6 @@ def _command(port: int, *args: str, timeout: float = 1.0) -> str:
                 if len(rest) >= int(header[1:]) + 2:
                     break
         return b"".join(chunks).decode(errors="replace")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def cluster_ports(n: int) -> list[int]:
-    """n distinct free ports whose cluster-bus port (+10000) is free too; both below the kernel's
-    ephemeral range (see tests.support.procs.free_ports), so no outgoing connection takes them."""
-    import random
-
-    from .procs import _HANDED
-
-    ports: list[int] = []
-    for _ in range(4000):
-        port = random.randrange(10000, 22000)          # its bus port stays below 32000
-        bus = port + _CLUSTER_BUS_OFFSET
-        if port in _HANDED or bus in _HANDED or port in ports or bus in ports or any(p + _CLUSTER_BUS_OFFSET == port
-                                                                                   for p in ports):
-            continue
-        if _bindable(port) and _bindable(bus):
-            ports.append(port)
-            if len(ports) == n:
-                _HANDED.update(ports)
-                _HANDED.update(p + _CLUSTER_BUS_OFFSET for p in ports)
-                return ports
-    raise RuntimeError(f"found only {len(ports)} of {n} cluster ports with free bus ports")
 
 
 class RedisServer:
@@ -121,7 +88,7 @@ class RedisCluster:
         cli = _require(REDIS_CLI)
         self.masters = masters
         self.replicas = replicas
-        self.ports = cluster_ports(masters * (1 + replicas))
+        self.ports = free_ports(masters * (1 + replicas), cluster_bus=True)     # their bus ports free too
         self.url = f"redis://127.0.0.1:{self.ports[0]}"
         self.procs: list[Proc] = []
         self.proc_by_port: dict[int, Proc] = {}

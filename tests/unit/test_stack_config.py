@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import proclib
 import pytest
 import yaml
 
@@ -212,8 +213,9 @@ def test_free_ports_of_a_second_call_avoid_those_of_the_first(monkeypatch: pytes
     """plan_ports asks twice (the Redis nodes need their bus ports free too); the first call's
     sockets are closed by then, so it could pick those ports again: seen in a clean run."""
     picked = iter([30001, 30002, 30001, 20002, 20003, 20004, 20005])
-    monkeypatch.setattr(stack.random, "randrange", lambda low, high: next(picked))
-    monkeypatch.setattr(stack, "_bindable", lambda port: True)
+    monkeypatch.setattr(proclib.random, "randrange", lambda low, high: next(picked))
+    monkeypatch.setattr(proclib, "bindable", lambda port: True)
+    monkeypatch.setattr(proclib, "_HANDED", set())
 
     class Unbound:            # every picked port counts as free: no real socket is bound
         def bind(self, addr: tuple[str, int]) -> None:
@@ -221,18 +223,18 @@ def test_free_ports_of_a_second_call_avoid_those_of_the_first(monkeypatch: pytes
 
         def close(self) -> None:
             pass
-    monkeypatch.setattr(stack.socket, "socket", Unbound)
-    first = stack._free_ports(2)
+    monkeypatch.setattr(proclib.socket, "socket", Unbound)
+    first = stack.free_ports(2)
     assert first == [30001, 30002]
     # 30001 again: handed out already; 20002: its bus port would be 30002, handed out already
-    assert stack._free_ports(2, cluster_bus=True, avoid=first) == [20003, 20004]
+    assert stack.free_ports(2, cluster_bus=True, avoid=first) == [20003, 20004]
 
 
 def test_free_ports_stay_below_the_ephemeral_range():
-    ports = stack._free_ports(20)
-    assert len(set(ports)) == 20 and all(stack.PORT_LOW <= p < stack.PORT_HIGH for p in ports)
-    nodes = stack._free_ports(6, cluster_bus=True)
-    assert all(p + stack.CLUSTER_BUS_OFFSET < stack.PORT_HIGH for p in nodes)
+    ports = stack.free_ports(20)
+    assert len(set(ports)) == 20 and all(proclib.PORT_LOW <= p < proclib.PORT_HIGH for p in ports)
+    nodes = stack.free_ports(6, cluster_bus=True)
+    assert all(p + stack.CLUSTER_BUS_OFFSET < proclib.PORT_HIGH for p in nodes)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
