@@ -6,7 +6,9 @@ envoy.service.ext_proc.v3.ExternalProcessor/Process (CONTINUE on every message) 
 with the same server options as extproc's worker and prebuilt replies, and nothing else: no
 health service, no reflection, no metrics, no policy. What `scripts/bench` measures against it
 is the cost of Python gRPC itself, the part no code of ours can remove; the gap between a
-floor variant and its extproc twin is what our code costs.
+floor variant and its extproc twin is what our code costs. Both register Check and Process as
+grpc.aio registered methods and nothing else (extproc's other services are generic ones:
+extproc/app.py `GenericOnly`), so both pay the same per call for that.
 
     .venv/bin/python scripts/bench_floor.py --port 50100
 """
