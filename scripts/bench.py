@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as dt
 import json
 import os
@@ -372,59 +371,18 @@ def parse_variants(text: str) -> list[Variant]:
 
 # -- processes -----------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    # a SIGKILLed bench must not leave Envoy or Python servers behind (prctl PR_SET_PDEATHSIG)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        pass
-
-
-class Proc:
-    """One child process with its output in a log file, stopped by its PID."""
+class Proc(proclib.Proc):
+    """One child process with its output in a log file, stopped by its PID, ended with the bench
+    (scripts/proclib.py); a process that dies or is not ready in time is a BenchError."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                      start_new_session=True, preexec_fn=_die_with_parent)
-        self.pid = self.popen.pid
+        super().__init__(name, argv, log_dir, env={"PYTHONUNBUFFERED": "1", **(env or {})}, die_with_parent=True)
 
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
+    def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> Proc:
         try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise BenchError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            try:
-                if check():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=5)
-        if not self._log.closed:
-            self._log.close()
+            return super().wait_ready(check, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise BenchError(str(exc)) from None
 
 
 def free_ports(n: int) -> list[int]:
@@ -1467,7 +1425,7 @@ def run_wrk(stack: Stack, v: Variant, conns: int, threads: int, seconds: int, pi
         out.write(f"\n== {v.name} c={conns} {seconds}s\n".encode())
         out.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, start_new_session=True,
-                                preexec_fn=_die_with_parent, env=env)
+                                preexec_fn=proclib.exit_with_parent, env=env)
         try:
             stdout, _ = proc.communicate(timeout=seconds + 30)
         finally:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
@@ -109,9 +110,14 @@ def free_consecutive(n: int, low: int = PORT_LOW, high: int = PORT_HIGH) -> int:
     raise RuntimeError("no run of free ports found")
 
 
+class ProcessExited(RuntimeError):
+    """The process being waited for is gone: waiting longer cannot help."""
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
                what: str = "condition") -> Any:
-    """Poll `check` until it returns a true value (returned) or the deadline passes (no fixed sleeps)."""
+    """Poll `check` until it returns a true value (returned) or the deadline passes (no fixed
+    sleeps). Errors of `check` are retried until then, except ProcessExited."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -119,6 +125,8 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, interval: float 
             result = check()
             if result:
                 return result
+        except ProcessExited:
+            raise
         except Exception as exc:  # noqa: BLE001 - polling tolerates errors until the deadline
             last_exc = exc
         time.sleep(interval)
@@ -135,18 +143,29 @@ def http_status(url: str, timeout: float = 1.0, headers: dict[str, str] | None =
         return err.code
 
 
+def exit_with_parent() -> None:
+    """A `preexec_fn`: the child gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so a
+    SIGKILLed bench leaves no Envoy or Python server behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
 class Proc:
     """One child process, its output in `<log_dir>/<name>.log`, in its own session (a Ctrl-C on
-    the terminal reaches only the parent, which then stops each child by its PID)."""
+    the terminal reaches only the parent, which then stops each child by its PID). With
+    `die_with_parent`, it also ends when the parent dies."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, die_with_parent: bool = False):
         self.name, self.argv = name, argv
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(cwd or ROOT),
-                                      env={**os.environ, **(env or {})}, start_new_session=True)
+                                      env={**os.environ, **(env or {})}, start_new_session=True,
+                                      preexec_fn=exit_with_parent if die_with_parent else None)
         self.pid = self.popen.pid
 
     def alive(self) -> bool:
@@ -155,7 +174,7 @@ class Proc:
     def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> Self:
         def ready() -> bool:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+                raise ProcessExited(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
             return check()
         try:
             wait_until(ready, timeout=timeout, what=f"{self.name} ready")

@@ -5,6 +5,8 @@ and never the same port twice in one process."""
 from __future__ import annotations
 
 import socket
+import sys
+import time
 
 import proclib
 import pytest
@@ -75,3 +77,17 @@ class _Unbound:
 
     def close(self) -> None:
         pass
+
+
+def test_a_bench_process_that_dies_is_a_bench_error(tmp_path):
+    """scripts/bench.py's Proc is proclib's, ended with the bench; a child that exits before it is
+    ready is a BenchError (printed without a traceback), with its log tail, as soon as it is gone."""
+    from tests.unit.test_stack_config import load_script
+
+    bench = load_script("bench")
+    proc = bench.Proc("dies", [sys.executable, "-c", "print('no config'); raise SystemExit(3)"], tmp_path)
+    started = time.monotonic()
+    with pytest.raises(bench.BenchError, match=r"(?s)dies exited with 3.*no config"):
+        proc.wait_ready(lambda: False, timeout=60)
+    assert time.monotonic() - started < 30      # at once, not at the deadline
+    assert proc.stop() == 3
