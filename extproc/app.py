@@ -31,8 +31,8 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from . import config as cfgmod
 from .core.authorize import IpList, Requirements, RuleSet
 from .core.credentials import Source
-from .core.jwt import KeySet, ProviderRules
-from .core.policy import CompiledPolicy, PolicySet, ProviderPlan
+from .core.jwt import KeySet, ProviderRules, TokenCache
+from .core.policy import CompiledPolicy, DecisionCache, PolicySet, ProviderPlan
 from .services import accesslog, ratelimit_service
 from .services.authz import AuthorizationService
 from .services.authz import add_to_server as add_authz_to_server
@@ -51,6 +51,8 @@ SERVICE_NAMES = (
     accesslog.SERVICE_NAME,
 )
 STORE_PROBE_SECONDS = 2.0
+# the server settings a reload applies (each Runtime reads them); the rest are fixed per process
+RELOADABLE_SERVER = {"max_header_bytes", "token_cache_entries"}
 CONFIG_POLL_SECONDS = 1.0
 
 
@@ -165,8 +167,9 @@ class Runtime:
                     log.error("introspection client secret unreadable", extra={"provider": name, "error": str(exc)})
                     secret = None
                 introspectors[name] = Introspector(p.introspection, secret)
+        bound = cfg.server.token_cache_entries
         identity = Identity(policies, keys, sources, introspectors=introspectors, api_keys=api_keys,
-                            revocations=revocations)
+                            revocations=revocations, token_cache=TokenCache(bound), decision_cache=DecisionCache(bound))
         from .services.ratelimit import RateLimiter
         from .store.memory import MemoryStore
 
@@ -384,9 +387,9 @@ class Worker:
                           extra={"trigger": reason, "error": str(exc)})
                 return False, str(exc)
             # the listener, workers and store are fixed for the process; the rest reloads
-            fixed = self.cfg.server.model_dump(exclude={"max_header_bytes"})
+            fixed = self.cfg.server.model_dump(exclude=RELOADABLE_SERVER)
             restart_needed = [k for k, changed in (
-                ("server", new.server.model_dump(exclude={"max_header_bytes"}) != fixed),
+                ("server", new.server.model_dump(exclude=RELOADABLE_SERVER) != fixed),
                 ("store", new.store != self.cfg.store)) if changed]
             if restart_needed:
                 log.warning("config changes to %s take effect after a restart", ", ".join(restart_needed))
@@ -397,7 +400,7 @@ class Worker:
             rt = Runtime.build(new, self.revocations, self.apikeys, previous=self.runtime, store=self.store,
                                fallback=self.local_limits)
             await rt.start()
-            kept_server = self.cfg.server.model_copy(update={"max_header_bytes": new.server.max_header_bytes})
+            kept_server = self.cfg.server.model_copy(update={k: getattr(new.server, k) for k in RELOADABLE_SERVER})
             old, self.runtime, self.cfg = self.runtime, rt, new.model_copy(
                 update={"server": kept_server, "store": self.cfg.store})
             if self.admin is not None:

@@ -41,6 +41,9 @@ class Server(_Closed):
     # traffic away before the server stops accepting (interval 1 s x unhealthy_threshold 2)
     drain_delay_seconds: Annotated[float, Field(ge=0, le=120)] = 2.5
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
+    # bounds each of the verified-token cache, the decision cache and the express table (LRU, per
+    # worker): about 3 KB an entry in each of the first two, 1-1.5 KB in the express table
+    token_cache_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     tls: TLS | None = None
 
     @field_validator("listen")

@@ -13,7 +13,8 @@ credential, the answer to a repeat credential is the same reply every time, so:
   per-request fields). Worked out once per config (Runtime).
 * After the full path allows a request of an express policy from a grant of one of its providers
   (Reason OK, not shadowed, no query parameter stripped) for the second time, the serialised
-  reply is kept here, keyed by (policy, the raw header value), bounded (LRU, `max_entries`); a
+  reply is kept here, keyed by (policy, the raw header value), bounded (LRU,
+  `server.token_cache_entries`, as the decision and verified-token caches); a
   credential allowed once leaves only its hash in a bounded set (fresh tokens cost nothing).
 * A later request with the byte-identical header value is answered with those bytes once the
   same O(1) checks the decision cache's hit makes still hold: not expired, signing key still
@@ -47,8 +48,6 @@ from ..core.decision import Decision
 from ..core.policy import CompiledPolicy, Granted
 from ..core.reasons import Reason
 from ..telemetry import metrics
-
-MAX_ENTRIES = 10_000
 
 
 def timing_bytes(seconds: float) -> bytes:
@@ -140,12 +139,12 @@ class Tally:
 class Express:
     """The express table of one Runtime (see the module docstring)."""
 
-    def __init__(self, rt, tally: Tally, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, rt, tally: Tally) -> None:
         self.rt = rt
         self.tally = tally
         self.identity = rt.identity
         self.max_header_bytes = rt.max_header_bytes
-        self.max_entries = max_entries
+        self.max_entries = rt.config.server.token_cache_entries
         self.lanes: dict[str, Lane] = {}
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self._seen: dict[int, None] = {}     # credentials allowed once, by hash (see learn)

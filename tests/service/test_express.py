@@ -307,3 +307,35 @@ def test_the_tally_adds_what_observe_and_inc_would_have():
         return [(s.labels.get("le", s.name[len(name):]), s.value)
                 for m in reg.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")]
     assert samples("a_seconds") == samples("b_seconds")
+
+
+def test_the_identity_caches_are_bounded_by_token_cache_entries(sidecar: Sidecar):
+    """`server.token_cache_entries` bounds the verified-token cache, the decision cache and the
+    express table (LRU); a reload applies a new bound."""
+    cfg = sidecar.config()
+    cfg["server"]["token_cache_entries"] = 2
+
+    def sizes(rt: Running) -> tuple[int, int, int]:
+        identity = rt.worker.runtime.identity
+        return len(identity.token_cache), len(identity.decisions), len(express(rt))
+
+    async def body():
+        async with sidecar.run(cfg, config_file=True) as rt:
+            tokens = [sidecar.token(f"user{i}") for i in range(4)]
+            for token in tokens:
+                await allow(rt, token, 3)
+            assert sizes(rt) == (2, 2, 2)
+            seen = hits(rt)
+            await allow(rt, tokens[-1], 1)           # among the most recent: kept
+            assert hits(rt) == seen + 1
+            await allow(rt, tokens[0], 1)            # evicted: decided again by the full path, still allowed
+            assert hits(rt) == seen + 1
+            cfg["server"]["token_cache_entries"] = 3
+            assert rt.config_path is not None
+            write_atomic(rt.config_path, yaml.safe_dump(cfg, sort_keys=False))
+            assert await rt.worker.reload("test") == (True, "reloaded")
+            assert rt.worker.cfg.server.token_cache_entries == 3
+            for token in tokens:
+                await allow(rt, token, 3)
+            assert sizes(rt) == (3, 3, 3)
+    run(body)
