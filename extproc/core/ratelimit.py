@@ -547,13 +547,28 @@ def policy_field(rule: str, quota: int, window_s: int) -> str:
 
 def service_limit_field(rule: str, available: int, window_s: int) -> str:
     """`RateLimit` of draft-ietf-httpapi-ratelimit-headers-11 §4: a List with one String
-    item naming the policy, `r` (available quota) and `t` (effective window seconds)."""
+    item naming the policy, `r` (available quota) and `t` (effective window seconds). Built on
+    every answer, so the String is serialised once per name (`_sf_string`) and the two Integers
+    (RFC 9651 §4.1.4: decimal, at most 15 digits) are formatted here."""
+    if 0 <= available < _SF_INT_MAX and 0 <= window_s < _SF_INT_MAX:
+        return f"{_sf_string(rule)};r={available};t={window_s}"
     import http_sfv
 
     item = http_sfv.Item(rule)
     item.params["r"] = available
     item.params["t"] = window_s
     return str(http_sfv.List([item]))
+
+
+_SF_INT_MAX = 10 ** 15
+
+
+@lru_cache(maxsize=4096)
+def _sf_string(value: str) -> str:
+    """An sf-string (RFC 9651 §4.1.6), serialised by the structured-field library."""
+    import http_sfv
+
+    return str(http_sfv.Item(value))
 
 
 def retry_after_seconds(ms: int) -> int:

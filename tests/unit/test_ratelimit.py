@@ -481,6 +481,22 @@ def test_structured_fields_parse_back_as_the_draft_defines_them() -> None:
         assert dict(item.params) == params
 
 
+def test_the_ratelimit_field_is_what_the_structured_field_library_writes() -> None:
+    """service_limit_field formats its Integers itself (it runs on every answer): the text is
+    the library's for any name and value, the library's own path past its Integer range."""
+    def reference(name: str, r: int, t: int) -> str:
+        item = http_sfv.Item(name)
+        item.params["r"] = r
+        item.params["t"] = t
+        return str(http_sfv.List([item]))
+
+    for name in ("per-user", "a.b_c-9", 'odd"name\\x', "x"):
+        for r, t in ((0, 0), (1, 1), (999, 60), (10**14, 31 * 86_400), (10**15 - 1, 0)):
+            assert service_limit_field(name, r, t) == reference(name, r, t)
+    with pytest.raises(ValueError):          # the library refuses what the field cannot carry
+        service_limit_field("per-user", 10**15, 0)
+
+
 # -- deny cache -------------------------------------------------------------------------------
 
 def test_deny_cache_answers_until_the_rejection_could_pass() -> None:
