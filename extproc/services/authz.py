@@ -28,7 +28,7 @@ from ..core.decision import Decision, deny
 from ..core.reasons import Reason
 from ..core.request import Request
 from ..telemetry import metrics, tracing
-from .express import Express, Tally
+from .express import Express, Tally, timing_bytes
 from .ratelimit import add_answer_headers
 
 log = logging.getLogger("extproc.authz")
@@ -81,6 +81,91 @@ def _header_options(headers: tuple[tuple[str, str], ...]) -> list[base_pb2.Heade
             for k, v in headers]
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_OVERWRITE_ACTION = _varint(3 << 3) + _varint(_OVERWRITE)      # HeaderValueOption.append_action
+
+
+def _length(n: int) -> bytes:
+    return _SMALL[n] if n < 128 else _varint(n)
+
+
+_SMALL = [bytes((i,)) for i in range(128)]
+_KEY_FIELDS: dict[str, bytes] = {}          # HeaderValue.key, serialised, per header name
+
+
+def response_headers_bytes(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """A serialised CheckResponse carrying only `ok_response.response_headers_to_add` (each
+    OVERWRITE_IF_EXISTS_OR_ADD), written field by field: appended to a serialised reply it adds
+    these headers (protobuf merges concatenated messages; repeated fields append). The rate-limit
+    headers change on every request, so this runs per request: no message objects built, each
+    name's field serialised once."""
+    parts = []
+    for k, v in headers:
+        key = _KEY_FIELDS.get(k)
+        if key is None:
+            key = _field(1, k.encode())
+            if len(_KEY_FIELDS) < 1024:
+                _KEY_FIELDS[k] = key
+        value = v.encode()
+        header = key + b"\x12" + _length(len(value)) + value                    # HeaderValue{key, value}
+        option = b"\x0a" + _length(len(header)) + header + _OVERWRITE_ACTION    # HeaderValueOption
+        parts.append(b"\x32" + _length(len(option)) + option)                   # response_headers_to_add
+    ok = b"".join(parts)
+    return b"\x1a" + _length(len(ok)) + ok                                     # CheckResponse.ok_response
+
+
+_IDENTITY_PARTS: dict[int, tuple] = {}
+_IDENTITY_PARTS_MAX = 4096
+
+
+def ok_reply_bytes(d: Decision) -> bytes:
+    """An allowed Decision's serialised CheckResponse, without Server-Timing. The part that comes
+    from the grant (status, identity headers, headers to remove, dynamic metadata) is the same
+    for every request of a repeat credential: it is serialised once per grant (keyed by its
+    metadata dict, checked by identity, bounded) and the per-request rate-limit headers are
+    appended (`response_headers_bytes`)."""
+    meta = d.metadata
+    if not meta:
+        base = _ok_identity_part(d)
+    else:
+        got = _IDENTITY_PARTS.get(id(meta))
+        if (got is not None and got[0] is meta and got[1] is d.headers and got[2] is d.remove_headers
+                and got[3] is d.remove_query):
+            base = got[4]
+        else:
+            base = _ok_identity_part(d)
+            if len(_IDENTITY_PARTS) >= _IDENTITY_PARTS_MAX:
+                _IDENTITY_PARTS.clear()
+            _IDENTITY_PARTS[id(meta)] = (meta, d.headers, d.remove_headers, d.remove_query, base)
+    if d.response_headers:
+        return base + response_headers_bytes(d.response_headers)
+    return base
+
+
+def _ok_identity_part(d: Decision) -> bytes:
+    return to_check_response(dataclasses.replace(d, response_headers=())).SerializeToString()
+
+
+def reply_bytes(d: Decision, elapsed: float) -> bytes:
+    """The serialised reply to send: allowed ones with `server-timing: authz;dur=<elapsed>`."""
+    if d.allowed:
+        return ok_reply_bytes(d) + timing_bytes(elapsed)
+    return to_check_response(d).SerializeToString()
+
+
 def to_check_response(d: Decision, timing_header: str | None = None) -> pb.CheckResponse:
     if d.allowed:
         if (not d.headers and not d.remove_headers and not d.metadata and not d.response_headers
@@ -120,7 +205,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         # fail-fast answers while a lean breaker is open: one Decision and reply per (upstream, policy,
         # Retry-After second), built once (a rejection must cost less than the request it spares)
         self._open_decisions: dict[tuple, Decision] = {}
-        self._open_replies: dict[int, tuple[Decision, pb.CheckResponse]] = {}
+        self._open_replies: dict[int, tuple[Decision, bytes]] = {}
         self._open_cfg = None
         self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
         self._express: Express | None = None       # the express lane of the Runtime in force
@@ -191,10 +276,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         self.in_flight += 1          # read by the worker's sampler (no metric call per request)
         try:
             if not tracing.ACTIVE:
-                return (await self._check(request, context, None)).SerializeToString()
+                return await self._check(request, context, None)
             span = tracing.start("extproc.ext_authz", context)
             try:
-                return (await self._check(request, context, span)).SerializeToString()
+                return await self._check(request, context, span)
             except BaseException as exc:
                 span.set_attribute("extproc.result", "error")
                 span.record_exception(exc)
@@ -204,7 +289,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         finally:
             self.in_flight -= 1
 
-    async def _check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, span) -> pb.CheckResponse:
+    async def _check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, span) -> bytes:
         start = time.perf_counter()
         rt = self._runtime()
         try:
@@ -236,13 +321,13 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             metrics.child(metrics.DECISIONS, "authz", rt.policy_label(req.policy), "error", decision.reason.value).inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"extproc: {decision.reason.value}")
         elapsed = time.perf_counter() - start
-        self._timing.observe(elapsed)
         result = "allow" if decision.allowed else "deny"
         if decision.would_deny:
             result = "shadow_deny"
         label = rt.policy_label(req.policy)
-        metrics.child(metrics.DECISIONS, "authz", label, result, decision.reason.value).inc()
-        metrics.child(metrics.AUTH_DECISIONS, label, result).inc()
+        # counted at the tally's next flush (every 100 ms, and before any render), as the express lane's
+        self._tally.add((metrics.child(metrics.DECISIONS, "authz", label, result, decision.reason.value),
+                         metrics.child(metrics.AUTH_DECISIONS, label, result)), elapsed)
         if span is not None:
             span.set_attributes({"extproc.policy": decision.policy or label, "extproc.result": result,
                                  "extproc.reason": decision.reason.value, "extproc.rule": decision.rule or "",
@@ -255,16 +340,15 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
                 "rule": decision.rule or None, "status": None if decision.allowed else decision.status,
                 "sub": principal.subject if principal is not None and principal.subject else None,
                 "method": req.method, "path": req.path, "duration_us": round(elapsed * 1e6)})
-        timing = f"authz;dur={elapsed * 1000:.3f}" if decision.allowed else None
         if decision.allowed and decision.principal is not None and span is None:
-            self.express(rt).learn(request, decision, time.time(), to_check_response)
+            self.express(rt).learn(request, decision, time.time(), ok_reply_bytes)
         if decision.reason is Reason.CIRCUIT_OPEN:
             got = self._open_replies.get(id(decision))
             if got is not None and got[0] is decision:
                 return got[1]
-            reply = to_check_response(decision, timing)
+            reply = reply_bytes(decision, elapsed)
             if len(self._open_replies) > 1024:
                 self._open_replies.clear()
             self._open_replies[id(decision)] = (decision, reply)
             return reply
-        return to_check_response(decision, timing)
+        return reply_bytes(decision, elapsed)

@@ -1,10 +1,11 @@
 """The express lane of ext_authz: a repeat credential answered with the bytes it got last time.
 
-A repeat JWT already costs no signature check (the decision cache), but the full path still
-builds a Request, walks the policy steps, builds a CheckResponse (headers, dynamic metadata)
-and serialises it, and makes four metric calls: on a busy sidecar that is as much CPU again as
-the gRPC call itself. When nothing in a policy's decision depends on the request beyond the
-credential, the answer to a repeat credential is the same reply every time, so:
+A repeat JWT already costs no signature check (the decision cache), and the full path keeps its
+reply's grant part serialised (authz.ok_reply_bytes) and its counts in the same tally as this
+lane; but it still builds a Request, walks the policy steps and assembles a Decision: on a busy
+sidecar that was as much CPU again as the gRPC call itself. When nothing in a policy's decision
+depends on the request beyond the credential, the answer to a repeat credential is the same
+reply every time, so:
 
 * A policy is *express* when its allowed answer depends only on the credential: it has
   providers (any_of), no IP list, no authorization rules, no all_of, no revoke-on-use, its
@@ -200,7 +201,7 @@ class Express:
 
     def learn(self, request: pb.CheckRequest, decision: Decision, now: float, build) -> None:
         """After the full path allowed a request: keep its reply when it qualifies. `build`
-        turns the Decision into the CheckResponse the full path sends."""
+        turns the Decision into the serialised reply the full path sends (without Server-Timing)."""
         if decision.reason is not Reason.OK or decision.would_deny or decision.remove_query:
             return
         attrs = request.attributes
@@ -230,7 +231,7 @@ class Express:
             return
         if now >= g.expires_at:
             return
-        reply = build(decision).SerializeToString()
+        reply = build(decision)
         counters = (metrics.child(metrics.DECISIONS, "authz", lane.label, "allow", Reason.OK.value),
                     metrics.child(metrics.AUTH_DECISIONS, lane.label, "allow"),
                     metrics.child(metrics.AUTH_CACHE, "hit"))

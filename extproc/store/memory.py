@@ -147,6 +147,7 @@ class MemoryStore:
     """In-process Store; see the module docstring for the rules it keeps."""
 
     name = "memory"
+    never_blocks = True       # callers may skip their timeouts (see "Never blocks" above)
 
     def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic,
                  max_pending_messages: int = 10_000, wall_clock: Callable[[], float] = time.time):

@@ -39,6 +39,7 @@ from extproc import app as appmod
 from extproc import config as cfgmod
 from extproc.app import Worker
 from extproc.demo import idp
+from extproc.telemetry import metrics
 from tests.support.procs import free_port
 
 T = TypeVar("T")
@@ -72,7 +73,9 @@ async def eventually(check: Callable[[], Any], within: float = 10.0, interval: f
 
 
 def sample(name: str, **labels: str) -> float:
-    """Current value of one prometheus sample (0 when the child does not exist yet)."""
+    """Current value of one prometheus sample (0 when the child does not exist yet), as a scrape
+    would see it: counts kept off the hot path are added first (metrics.flush_pending)."""
+    metrics.flush_pending()
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
