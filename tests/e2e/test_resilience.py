@@ -133,12 +133,14 @@ def test_two_workers_one_killed_loses_no_request(tmp_path):
             except TimeoutError as exc:
                 raise AssertionError(f"{exc}: {s.last_health_flags}") from None
         assert set(Counter(load.statuses)) == {200}, Counter(load.statuses)
-        # one /metrics on the supervisor's admin port aggregates every worker's decisions
-        with urllib.request.urlopen(f"{s.sidecar_admin}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        allowed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("extproc_decisions_total{") and 'result="allow"' in line)
-        assert allowed >= len(load.statuses)
+        # one /metrics on the supervisor's admin port aggregates every worker's decisions (each
+        # worker adds its decision counts every 100 ms: the last ones may show a moment later)
+        def allowed() -> float:
+            with urllib.request.urlopen(f"{s.sidecar_admin}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("extproc_decisions_total{") and 'result="allow"' in line)
+        wait_until(lambda: allowed() >= len(load.statuses), timeout=10, what="every allowed request counted")
 
         pids = workers()["worker_pids"]
         with BackgroundLoad(f"{s.external}/api/products/1", token, threads=threads) as load:
