@@ -466,9 +466,10 @@ class LoadRun:
             self.events.append({"t": round(time.monotonic() - self.t0, 3), "what": what, "control_status": codes})
 
     # -- load -----------------------------------------------------------------------------------
-    def record(self, started: float, kind: str, status: int, detail: str | None, cache: str | None, lat_ms: float) -> None:
+    def record(self, at: float, kind: str, status: int, detail: str | None, cache: str | None, lat_ms: float) -> None:
+        """One answered request: `at` (monotonic) picks its second in the series."""
         label = str(status) if status else "error"
-        b = int(started - self.t0)
+        b = int(at - self.t0)
         if 0 <= b < self.n_buckets:
             sec = self.seconds[b]
             sec.n += 1
@@ -527,7 +528,10 @@ class LoadRun:
                     status, detail = 0, f"error:{type(exc).__name__}"
                     self.errors[type(exc).__name__] += 1
                     conn.close()
-                self.record(started, kind.name, status, detail, cache, (time.monotonic() - started) * 1000)
+                # a paced request counts in the second of its slot: the last slot, sent a moment
+                # late, still belongs to the run's last second
+                self.record(at if rps else started, kind.name, status, detail, cache,
+                            (time.monotonic() - started) * 1000)
         finally:
             conn.close()
 
