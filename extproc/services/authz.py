@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -127,8 +128,8 @@ def response_headers_bytes(headers: tuple[tuple[str, str], ...]) -> bytes:
     return b"\x1a" + _length(len(ok)) + ok                                     # CheckResponse.ok_response
 
 
-_IDENTITY_PARTS: dict[int, tuple] = {}
-_IDENTITY_PARTS_MAX = 4096
+_IDENTITY_PARTS: OrderedDict[int, tuple] = OrderedDict()
+_IDENTITY_PARTS_MAX = 10_000         # ~0.5 KB each: as many grants as the default decision cache holds
 
 
 def ok_reply_bytes(d: Decision) -> bytes:
@@ -148,7 +149,7 @@ def ok_reply_bytes(d: Decision) -> bytes:
         else:
             base = _ok_identity_part(d)
             if len(_IDENTITY_PARTS) >= _IDENTITY_PARTS_MAX:
-                _IDENTITY_PARTS.clear()
+                _IDENTITY_PARTS.popitem(last=False)        # the oldest first
             _IDENTITY_PARTS[id(meta)] = (meta, d.headers, d.remove_headers, d.remove_query, base)
     if d.response_headers:
         return base + response_headers_bytes(d.response_headers)

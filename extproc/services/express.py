@@ -148,7 +148,7 @@ class Express:
         self.max_entries = rt.config.server.token_cache_entries
         self.lanes: dict[str, Lane] = {}
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
-        self._seen: dict[int, None] = {}     # credentials allowed once, by hash (see learn)
+        self._seen: OrderedDict[int, None] = OrderedDict()     # credentials allowed once, by hash (see learn)
         self.hits = 0
         policies = rt.policies
         self._query = bool(policies.credential_query_params)    # a credential may be in the query
@@ -217,7 +217,7 @@ class Express:
         if seen not in self._seen:
             self._seen[seen] = None
             if len(self._seen) > self.max_entries:
-                del self._seen[next(iter(self._seen))]
+                self._seen.popitem(last=False)      # O(1): no scan past deleted slots
             return
         del self._seen[seen]
         plan = self.rt.policies.providers[lane.provider]
