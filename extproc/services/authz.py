@@ -167,18 +167,14 @@ def reply_bytes(d: Decision, elapsed: float) -> bytes:
     return to_check_response(d).SerializeToString()
 
 
-def to_check_response(d: Decision, timing_header: str | None = None) -> pb.CheckResponse:
+def to_check_response(d: Decision) -> pb.CheckResponse:
+    """The Decision's reply as a message (Check sends allowed ones through `reply_bytes`)."""
     if d.allowed:
-        if (not d.headers and not d.remove_headers and not d.metadata and not d.response_headers
-                and timing_header is None):
+        if not d.headers and not d.remove_headers and not d.metadata and not d.response_headers:
             return _PLAIN_OK
         ok = pb.OkHttpResponse(headers=_header_options(d.headers), headers_to_remove=list(d.remove_headers),
                                query_parameters_to_remove=list(d.remove_query),
                                response_headers_to_add=_header_options(d.response_headers))
-        if timing_header is not None:
-            ok.response_headers_to_add.append(base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="server-timing", value=timing_header),
-                append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD))
         resp = pb.CheckResponse(status=_OK_STATUS, ok_response=ok)
         if d.metadata:
             meta = struct_pb2.Struct()

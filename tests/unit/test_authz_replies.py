@@ -4,6 +4,7 @@ must parse to exactly the message the protobuf builder makes (to_check_response)
 
 from __future__ import annotations
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 
 from extproc.core.decision import Decision, deny
@@ -16,8 +17,14 @@ LIMITS = (("x-ratelimit-limit", "1000"), ("x-ratelimit-remaining", "998"), ("x-r
 
 
 def reference(d: Decision, elapsed: float) -> pb.CheckResponse:
-    """The builder's message, with the Server-Timing reply_bytes writes (whole microseconds)."""
-    return authz.to_check_response(d, f"authz;dur={int(elapsed * 1e6) / 1000:.3f}" if d.allowed else None)
+    """The builder's message, with the Server-Timing reply_bytes adds (whole microseconds)."""
+    resp = pb.CheckResponse()
+    resp.CopyFrom(authz.to_check_response(d))
+    if d.allowed:
+        resp.ok_response.response_headers_to_add.append(base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="server-timing", value=f"authz;dur={int(elapsed * 1e6) / 1000:.3f}"),
+            append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD))
+    return resp
 
 
 def test_allowed_replies_parse_to_the_builders_message():
