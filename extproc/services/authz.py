@@ -29,6 +29,7 @@ from ..core.decision import Decision, deny
 from ..core.reasons import Reason
 from ..core.request import Request
 from ..telemetry import metrics, tracing
+from .checkwire import response_headers_bytes
 from .express import Express, Tally, timing_bytes
 from .ratelimit import add_answer_headers
 
@@ -80,52 +81,6 @@ def header_bytes(headers: dict[str, str]) -> int:
 def _header_options(headers: tuple[tuple[str, str], ...]) -> list[base_pb2.HeaderValueOption]:
     return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
             for k, v in headers]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-_OVERWRITE_ACTION = _varint(3 << 3) + _varint(_OVERWRITE)      # HeaderValueOption.append_action
-
-
-def _length(n: int) -> bytes:
-    return _SMALL[n] if n < 128 else _varint(n)
-
-
-_SMALL = [bytes((i,)) for i in range(128)]
-_KEY_FIELDS: dict[str, bytes] = {}          # HeaderValue.key, serialised, per header name
-
-
-def response_headers_bytes(headers: tuple[tuple[str, str], ...]) -> bytes:
-    """A serialised CheckResponse carrying only `ok_response.response_headers_to_add` (each
-    OVERWRITE_IF_EXISTS_OR_ADD), written field by field: appended to a serialised reply it adds
-    these headers (protobuf merges concatenated messages; repeated fields append). The rate-limit
-    headers change on every request, so this runs per request: no message objects built, each
-    name's field serialised once."""
-    parts = []
-    for k, v in headers:
-        key = _KEY_FIELDS.get(k)
-        if key is None:
-            key = _field(1, k.encode())
-            if len(_KEY_FIELDS) < 1024:
-                _KEY_FIELDS[k] = key
-        value = v.encode()
-        header = key + b"\x12" + _length(len(value)) + value                    # HeaderValue{key, value}
-        option = b"\x0a" + _length(len(header)) + header + _OVERWRITE_ACTION    # HeaderValueOption
-        parts.append(b"\x32" + _length(len(option)) + option)                   # response_headers_to_add
-    ok = b"".join(parts)
-    return b"\x1a" + _length(len(ok)) + ok                                     # CheckResponse.ok_response
 
 
 _IDENTITY_PARTS: OrderedDict[int, tuple] = OrderedDict()
@@ -204,9 +159,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         self._open_decisions: dict[tuple, Decision] = {}
         self._open_replies: dict[int, tuple[Decision, bytes]] = {}
         self._open_cfg = None
-        self._timing = metrics.child(metrics.DECISION_SECONDS, "authz")
         self._express: Express | None = None       # the express lane of the Runtime in force
-        self._tally = Tally(self._timing)
+        self._tally = Tally(metrics.child(metrics.DECISION_SECONDS, "authz"))
 
     async def _lean_breaker(self, rt, policy: str, request_id: str, decision):
         """The lean wiring: the breaker of this policy's upstream, checked in the call the route

@@ -41,7 +41,6 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 
 from ..core.credentials import extract_header
@@ -49,6 +48,7 @@ from ..core.decision import Decision
 from ..core.policy import CompiledPolicy, Granted
 from ..core.reasons import Reason
 from ..telemetry import metrics
+from .checkwire import APPEND, response_headers_bytes
 
 
 def timing_bytes(seconds: float) -> bytes:
@@ -57,10 +57,7 @@ def timing_bytes(seconds: float) -> bytes:
     us = int(seconds * 1e6)
     got = _TIMING.get(us)
     if got is None:
-        got = pb.CheckResponse(ok_response=pb.OkHttpResponse(response_headers_to_add=[
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="server-timing", value=f"authz;dur={us / 1000:.3f}"),
-                                       append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]),
-        ).SerializeToString()
+        got = response_headers_bytes((("server-timing", f"authz;dur={us / 1000:.3f}"),), APPEND)
         if us < _TIMING_MAX_US:
             _TIMING[us] = got
     return got

@@ -70,3 +70,15 @@ def test_the_kept_parts_are_bounded():
     for i in range(authz._IDENTITY_PARTS_MAX + 10):
         authz.ok_reply_bytes(Decision(True, Reason.OK, headers=IDENTITY, metadata={"sub": f"u{i}"}))
     assert len(authz._IDENTITY_PARTS) <= authz._IDENTITY_PARTS_MAX
+
+
+def test_the_timing_fragment_is_the_builders_bytes():
+    """express.timing_bytes writes Server-Timing with checkwire, APPEND_IF_EXISTS_OR_ADD (the
+    enum's default, so no field): byte for byte what the protobuf builder serialises."""
+    from extproc.services.express import timing_bytes
+
+    for seconds in (0.0, 0.000123, 0.0421, 7.5):
+        built = pb.CheckResponse(ok_response=pb.OkHttpResponse(response_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="server-timing", value=f"authz;dur={int(seconds * 1e6) / 1000:.3f}"),
+            append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]))
+        assert timing_bytes(seconds) == built.SerializeToString()
