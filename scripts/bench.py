@@ -116,6 +116,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "scripts") not in sys.path:        # imported by path (tests), not run
     sys.path.insert(0, str(ROOT / "scripts"))
 import proclib  # noqa: E402
+from proclib import port_open  # noqa: E402
 
 VENV_BIN = ROOT / ".venv" / "bin"
 TARGET_PATH = "/api/products/1"
@@ -438,14 +439,6 @@ def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes | int:
         return rest.strip()
     n = int(rest[:rest.index(b"\r\n")])
     return b"" if n < 0 else rest[rest.index(b"\r\n") + 2:][:n]
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # -- /proc ---------------------------------------------------------------------------------------

@@ -84,6 +84,15 @@ def free_ports(n: int, cluster_bus: bool = False, avoid: Iterable[int] = ()) -> 
             s.close()
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 

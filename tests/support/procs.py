@@ -8,12 +8,11 @@ processes and polling are scripts/proclib.py's, shared with scripts/stack.py and
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import proclib
-from proclib import ROOT, free_consecutive, free_port, free_ports, http_status, wait_until
+from proclib import ROOT, free_consecutive, free_port, free_ports, http_status, port_open, wait_until
 
 __all__ = ["ROOT", "VENV_BIN", "RUNNING", "STARTED", "Proc", "free_consecutive", "free_port", "free_ports",
            "http_status", "port_open", "wait_until"]
@@ -21,14 +20,6 @@ __all__ = ["ROOT", "VENV_BIN", "RUNNING", "STARTED", "Proc", "free_consecutive",
 VENV_BIN = Path(sys.executable).parent
 RUNNING: list[Proc] = []      # started and not yet stopped
 STARTED: list[Proc] = []      # every process this session started, for failure reports
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class Proc(proclib.Proc):
